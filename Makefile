@@ -1,0 +1,39 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TMPDIR ?= /tmp
+
+.PHONY: demo test test-all test-gpu bench setup clean
+
+# CPU hosts get torch==2.13.0 (a CPU build); a host whose python already has CUDA torch keeps it.
+$(STAMP): pyproject.toml Makefile
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+	  echo "CUDA torch found: keeping it (venv sees system site-packages)"; \
+	  $(PY) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PY) -m venv $(VENV) && $(BIN)/pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

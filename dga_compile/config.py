@@ -1,0 +1,83 @@
+"""`DGAConfig`: the one options object of dga-compile (see docs/dga.md for the semantics)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+__all__ = ["DGAConfig", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = ("auto", "reference", "blocked", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class DGAConfig:
+    """Parameters of Dynamic Group Attention and of the rewrite that inserts it.
+
+    Attributes:
+        focus_ratio: γ, the fraction of keys kept as focus tokens, ``n_f = ceil(γ·Nk)``; in [0, 1].
+            ``1.0`` gives exact dense attention.
+        group_size: m, non-focus tokens aggregated into one key/value pair; ≥ 1.
+            ``1`` gives exact dense attention.
+        num_probe: r, how many of the last query rows score key importance; ≥ 1.
+        window: w, a group is used by query i only if its anchor ≤ i − w (causal sites only);
+            younger groups stay raw. ≥ 0.
+        group_bias: β ≥ 0, added as β·log(m) to every group logit (β = 1: a group stands for
+            the mass of its m members).
+        min_seq_len: below this key length the op computes exact dense attention; ≥ 0.
+        impl: which implementation runs the op: ``"auto"`` (Triton on CUDA, blocked on CPU),
+            ``"reference"`` (the spec in plain PyTorch), ``"blocked"`` or ``"triton"``.
+        min_saving: rewrite policy; a site is rewritten only when DGA would attend to at most
+            ``1 - min_saving`` of the keys dense attention attends to (judged from what the
+            graph proves about the mask, e.g. a sliding window). In [0, 1).
+        strict: raise `dga_compile.RewriteError` when an attention site cannot be rewritten.
+        report: print the rewrite report (a rich table) when the backend compiles a graph.
+    """
+
+    focus_ratio: float = 0.1
+    group_size: int = 16
+    num_probe: int = 64
+    window: int = 256
+    group_bias: float = 1.0
+    min_seq_len: int = 1024
+    impl: Literal["auto", "reference", "blocked", "triton"] = "auto"
+    min_saving: float = 0.25
+    strict: bool = False
+    report: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_range("focus_ratio", self.focus_ratio, 0.0, 1.0, "a fraction such as 0.1")
+        _validate_int("group_size", self.group_size, 1, "e.g. 16 (1 means dense)")
+        _validate_int("num_probe", self.num_probe, 1, "e.g. 64")
+        _validate_int("window", self.window, 0, "e.g. 256 (0 disables the local window)")
+        _validate_range("group_bias", self.group_bias, 0.0, math.inf, "0.0 or 1.0")
+        _validate_int("min_seq_len", self.min_seq_len, 0, "e.g. 1024 (0 applies DGA always)")
+        _validate_range("min_saving", self.min_saving, 0.0, 1.0, "e.g. 0.25", hi_open=True)
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f"DGAConfig.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        for name in ("strict", "report"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DGAConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "DGAConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_exact(self) -> bool:
+        """True when the parameters make DGA equal to dense attention at every length."""
+        return self.focus_ratio >= 1.0 or self.group_size == 1
+
+
+def _validate_range(name, value, lo, hi, example, hi_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ValueError(f"DGAConfig.{name} must be a number in [{lo}, {hi}{bracket}, got {value!r}; use {example}")
+
+
+def _validate_int(name, value, lo, example):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"DGAConfig.{name} must be an integer ≥ {lo}, got {value!r}; use {example}")
