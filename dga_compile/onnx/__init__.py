@@ -1,0 +1,1 @@
+"""ONNX export of DGA models and ONNX Runtime deployment (custom domain ``ai.dga``)."""
