@@ -120,21 +120,20 @@ def build_library(include_dir: Optional[str | os.PathLike] = None, force: bool =
     include = header_dir(include_dir)
     _LIBRARY.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dga-ort-build-") as tmp:
-        objects, libs = [], []
-        cuda_define = []
-        nvcc = _nvcc()
-        if nvcc is not None:
-            obj = pathlib.Path(tmp) / "dga_cuda.o"
-            _run([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-c",
-                  str(_SOURCES / "dga_cuda.cu"), "-o", str(obj)], "nvcc (CUDA kernel)")
-            cuda_home = pathlib.Path(os.path.realpath(nvcc)).parents[1]
-            objects.append(str(obj))
-            libs = [f"-L{cuda_home / 'lib64'}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
-            cuda_define = ["-DDGA_WITH_CUDA"]
         staged = pathlib.Path(tmp) / _LIBRARY.name
-        _run([cxx, *_CXXFLAGS, *cuda_define, "-shared", f"-I{include}",
-              str(_SOURCES / "dga_op.cc"), str(_SOURCES / "dga_cpu.cc"), *objects, "-o", str(staged), *libs],
-             f"{cxx} (custom-op library)")
+        cxx_sources = [str(_SOURCES / "dga_op.cc"), str(_SOURCES / "dga_cpu.cc")]
+        nvcc = _nvcc()
+        if nvcc is None:
+            _run([cxx, *_CXXFLAGS, "-shared", f"-I{include}", *cxx_sources, "-o", str(staged)],
+                 f"{cxx} (custom-op library)")
+        else:  # nvcc links, so that it finds its static CUDA runtime; nothing needs libcudart.so at load
+            objects = [str(pathlib.Path(tmp) / "dga_op.o"), str(pathlib.Path(tmp) / "dga_cpu.o"),
+                       str(pathlib.Path(tmp) / "dga_cuda.o")]
+            for src, obj in zip(cxx_sources, objects):
+                _run([cxx, *_CXXFLAGS, "-DDGA_WITH_CUDA", f"-I{include}", "-c", src, "-o", obj], f"{cxx} {src}")
+            _run([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-c",
+                  str(_SOURCES / "dga_cuda.cu"), "-o", objects[2]], "nvcc (CUDA kernel)")
+            _run([nvcc, "-shared", "-cudart", "static", *objects, "-o", str(staged)], "nvcc (link)")
         shutil.move(str(staged), _LIBRARY)
     return _LIBRARY
 
