@@ -1,7 +1,7 @@
 // CPU DGA: steps 1-3 per (b, kv head), step 4 per (b, query head), step 5 per (b, query head,
 // block of BLOCK query rows) over the block's candidate keys: the visible focus prefix, the
 // complete-group prefix and the raw non-focus tokens some row of the block needs. Each block is
-// two small GEMMs (S = Q·Kcᵀ, O = P·Vc) with a 4×16 register tile and an exact row softmax.
+// two small GEMMs (S = Q·Kcᵀ, O = P·Vc) with a 6×16 register tile and an exact row softmax.
 #include "dga_cpu.h"
 
 #include <algorithm>
@@ -17,7 +17,7 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 constexpr int64_t BLOCK = 64;  // query rows per work item
-constexpr int64_t TILE_M = 4, TILE_N = 16;
+constexpr int64_t TILE_M = 6, TILE_N = 16;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -240,7 +240,9 @@ void candidates_dga(const Problem& pr, bool window, int64_t b, int64_t h, int64_
   sc.need.assign(Nn, 0);
   for (int64_t i = i0; i < i1; ++i) {
     const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
-    for (int64_t t = 0; t < Nn; ++t) {
+    int64_t first = 0;  // groups before the first incomplete one hold no raw token of this row
+    while (first < G && sc.complete[(i - i0) * G + first]) ++first;
+    for (int64_t t = first * m; t < Nn; ++t) {
       if (window && sel.nonfocus[t] > i) break;  // the future is hidden: positions only grow
       if (t < G * m && sc.complete[(i - i0) * G + t / m]) {
         t += m - 1 - t % m;  // skip the rest of a complete group
