@@ -23,7 +23,7 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
 void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
-v8 splat(float x) { return v8{} + x; }
+v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
 // C[M×N] = A[M×K]·B[K×N], row-major with leading dims; M % TILE_M == 0, N % TILE_N == 0.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -208,22 +208,65 @@ void candidates_dense(const Problem& pr, int64_t b, int64_t h, int64_t i0, int64
   }
 }
 
-// DGA step 5 candidates for rows [i0, i1) of head (b, h): focus ∪ complete groups ∪ needed raw tokens.
-void candidates_dga(const Problem& pr, bool window, int64_t b, int64_t h, int64_t i0, int64_t i1,
-                    const Selection& sel, const std::vector<float>& kbar, const std::vector<float>& vbar, Scratch& sc) {
-  const int64_t D = pr.D, Dv = pr.Dv, m = pr.p.group_size, w = pr.p.window, rows = i1 - i0;
+int64_t count_le(const std::vector<int64_t>& sorted, int64_t x) {
+  return std::upper_bound(sorted.begin(), sorted.end(), x) - sorted.begin();
+}
+
+// The block's candidate rows: the focus prefix, the group prefix, then the raw tokens sc.raw.
+void emit_candidates(const Problem& pr, const Selection& sel, const std::vector<float>& kbar,
+                     const std::vector<float>& vbar, int64_t focus_len, int64_t n_group, int64_t rows, Scratch& sc) {
+  const int64_t D = pr.D, Dv = pr.Dv;
+  const float group_logit = pr.p.group_bias * std::log(static_cast<float>(pr.p.group_size));
+  Candidates& c = sc.cand;
+  c.clear();
+  for (int64_t t = 0; t < focus_len; ++t) c.add(&sel.kf[t * D], &sel.vf[t * Dv], 0.0f);
+  for (int64_t gi = 0; gi < n_group; ++gi) c.add(&kbar[gi * D], &vbar[gi * Dv], group_logit);
+  for (int64_t t : sc.raw) c.add(&sel.kn[t * D], &sel.vn[t * Dv], 0.0f);
+  c.ok.assign(rows * c.size(), 0);
+}
+
+// DGA step 5 candidates without a mask: per row, each kind of candidate is an interval (docs/dga.md,
+// "Cost"): causal rows see the focus prefix <= i, the groups with a(g) <= i - w, and the raw
+// tokens after those groups up to i; non-causal rows see every focus token, every group, the tail.
+void candidates_unmasked(const Problem& pr, bool window, int64_t i0, int64_t i1, const Selection& sel,
+                         const std::vector<float>& kbar, const std::vector<float>& vbar, Scratch& sc) {
+  const int64_t m = pr.p.group_size, w = pr.p.window, rows = i1 - i0;
+  const int64_t Nn = static_cast<int64_t>(sel.nonfocus.size()), G = static_cast<int64_t>(sel.anchors.size());
+  const int64_t focus_len = window ? count_le(sel.focus, i1 - 1) : static_cast<int64_t>(sel.focus.size());
+  const int64_t n_group = window ? count_le(sel.anchors, i1 - 1 - w) : G;
+  const int64_t raw_start = window ? count_le(sel.anchors, i0 - w) * m : G * m;
+  const int64_t raw_stop = window ? count_le(sel.nonfocus, i1 - 1) : Nn;
+  sc.raw.resize(std::max<int64_t>(raw_stop - raw_start, 0));
+  std::iota(sc.raw.begin(), sc.raw.end(), raw_start);
+  emit_candidates(pr, sel, kbar, vbar, focus_len, n_group, rows, sc);
+  const int64_t L = sc.cand.size(), n_raw = static_cast<int64_t>(sc.raw.size());
+  for (int64_t i = i0; i < i1; ++i) {
+    char* ok = &sc.cand.ok[(i - i0) * L];
+    const int64_t f = window ? count_le(sel.focus, i) : focus_len;
+    const int64_t g = window ? count_le(sel.anchors, i - w) : n_group;
+    const int64_t r0 = std::min(std::max(g * m - raw_start, int64_t(0)), n_raw);
+    const int64_t r1 = window ? count_le(sel.nonfocus, i) - raw_start : n_raw;
+    std::memset(ok, 1, f);
+    std::memset(ok + focus_len, 1, g);
+    if (r1 > r0) std::memset(ok + focus_len + n_group + r0, 1, r1 - r0);
+  }
+}
+
+// DGA step 5 candidates with a mask: completeness and raw needs are read off the mask rows.
+void candidates_masked(const Problem& pr, bool window, int64_t b, int64_t h, int64_t i0, int64_t i1,
+                       const Selection& sel, const std::vector<float>& kbar, const std::vector<float>& vbar, Scratch& sc) {
+  const int64_t m = pr.p.group_size, w = pr.p.window, rows = i1 - i0;
   const int64_t n_f = static_cast<int64_t>(sel.focus.size()), Nn = static_cast<int64_t>(sel.nonfocus.size());
   const int64_t G = static_cast<int64_t>(sel.anchors.size());
-  const float group_logit = pr.p.group_bias * std::log(static_cast<float>(m));
   // A group is complete for row i: every member visible under the mask, and (window) a(g) <= i - w,
-  // which under causality also makes every member <= i.
+  // which under causality also makes every member <= i. Rows sharing a mask row share mask_all.
   sc.complete.assign(rows * G, 0);
   int64_t n_group = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
+    const bool* mrow = pr.mask_row(b, h, i);
     if (mrow != sc.mask_all_row || sc.mask_all.size() != static_cast<size_t>(G)) {
       sc.mask_all.assign(G, 1);
-      for (int64_t t = 0; mrow && t < G * m; ++t)
+      for (int64_t t = 0; t < G * m; ++t)
         if (!mrow[sel.nonfocus[t] * pr.mask_stride[3]]) sc.mask_all[t / m] = 0;
       sc.mask_all_row = mrow;
     }
@@ -239,7 +282,7 @@ void candidates_dga(const Problem& pr, bool window, int64_t b, int64_t h, int64_
   };
   sc.need.assign(Nn, 0);
   for (int64_t i = i0; i < i1; ++i) {
-    const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
+    const bool* mrow = pr.mask_row(b, h, i);
     int64_t first = 0;  // groups before the first incomplete one hold no raw token of this row
     while (first < G && sc.complete[(i - i0) * G + first]) ++first;
     for (int64_t t = first * m; t < Nn; ++t) {
@@ -254,19 +297,12 @@ void candidates_dga(const Problem& pr, bool window, int64_t b, int64_t h, int64_
   sc.raw.clear();
   for (int64_t t = 0; t < Nn; ++t)
     if (sc.need[t]) sc.raw.push_back(t);
-  int64_t focus_len = n_f;
-  if (window) focus_len = std::upper_bound(sel.focus.begin(), sel.focus.end(), i1 - 1) - sel.focus.begin();
-
-  Candidates& c = sc.cand;
-  c.clear();
-  for (int64_t t = 0; t < focus_len; ++t) c.add(&sel.kf[t * D], &sel.vf[t * Dv], 0.0f);
-  for (int64_t gi = 0; gi < n_group; ++gi) c.add(&kbar[gi * D], &vbar[gi * Dv], group_logit);
-  for (int64_t t : sc.raw) c.add(&sel.kn[t * D], &sel.vn[t * Dv], 0.0f);
-  const int64_t L = c.size();
-  c.ok.assign(rows * L, 0);
+  const int64_t focus_len = window ? count_le(sel.focus, i1 - 1) : n_f;
+  emit_candidates(pr, sel, kbar, vbar, focus_len, n_group, rows, sc);
+  const int64_t L = sc.cand.size();
   for (int64_t i = i0; i < i1; ++i) {
-    const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
-    char* ok = &c.ok[(i - i0) * L];
+    const bool* mrow = pr.mask_row(b, h, i);
+    char* ok = &sc.cand.ok[(i - i0) * L];
     for (int64_t t = 0; t < focus_len; ++t) ok[t] = pr.visible(mrow, i, sel.focus[t]);
     for (int64_t gi = 0; gi < n_group; ++gi) ok[focus_len + gi] = sc.complete[(i - i0) * G + gi];
     for (size_t u = 0; u < sc.raw.size(); ++u) ok[focus_len + n_group + u] = raw_ok(mrow, i, sc.raw[u]);
@@ -339,8 +375,10 @@ void attention_cpu(const Problem& pr, bool window, const float* q, const float* 
     const int64_t bh = item / n_blocks, b = bh / pr.Hq, h = bh % pr.Hq, g = h / rep;
     const int64_t i0 = item % n_blocks * BLOCK, i1 = std::min(i0 + BLOCK, pr.Nq);
     const float* qh = q + bh * pr.Nq * pr.D;
-    if (dga)
-      candidates_dga(pr, window, b, h, i0, i1, sel[b * pr.Hkv + g], kbar[bh], vbar[bh], sc);
+    if (dga && pr.mask == nullptr)
+      candidates_unmasked(pr, window, i0, i1, sel[b * pr.Hkv + g], kbar[bh], vbar[bh], sc);
+    else if (dga)
+      candidates_masked(pr, window, b, h, i0, i1, sel[b * pr.Hkv + g], kbar[bh], vbar[bh], sc);
     else
       candidates_dense(pr, b, h, i0, i1, k + (b * pr.Hkv + g) * pr.Nk * pr.D, v + (b * pr.Hkv + g) * pr.Nk * pr.Dv, sc.cand);
     attend(pr, qh, i0, i1, sc, out + bh * pr.Nq * pr.Dv);
