@@ -97,6 +97,7 @@ float softmax_numerators(float* row, int64_t n) {
 // Steps 1-3 for one (b, kv head): focus and non-focus positions (increasing) and their rows.
 struct Selection {
   std::vector<int64_t> focus, nonfocus, anchors;
+  std::vector<int32_t> group_of;      // [Nk]: group index of a grouped position, else -1
   std::vector<float> kf, vf, kn, vn;  // [n_f, D], [n_f, Dv], [Nn, D], [Nn, Dv]
 };
 
@@ -140,7 +141,11 @@ void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float
   for (int64_t j = 0; j < Nk; ++j) (is_focus[j] ? sel.focus : sel.nonfocus).push_back(j);
   const int64_t m = pr.p.group_size, G = static_cast<int64_t>(sel.nonfocus.size()) / m;
   sel.anchors.resize(G);
-  for (int64_t gi = 0; gi < G; ++gi) sel.anchors[gi] = sel.nonfocus[gi * m + m - 1];
+  sel.group_of.assign(Nk, -1);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    sel.anchors[gi] = sel.nonfocus[gi * m + m - 1];
+    for (int64_t t = gi * m; t < gi * m + m; ++t) sel.group_of[sel.nonfocus[t]] = static_cast<int32_t>(gi);
+  }
   const float* vb = v + (b * pr.Hkv + g) * Nk * Dv;
   gather_rows(kb, D, sel.focus, sel.kf);
   gather_rows(vb, Dv, sel.focus, sel.vf);
@@ -259,15 +264,25 @@ void candidates_masked(const Problem& pr, bool window, int64_t b, int64_t h, int
   const int64_t n_f = static_cast<int64_t>(sel.focus.size()), Nn = static_cast<int64_t>(sel.nonfocus.size());
   const int64_t G = static_cast<int64_t>(sel.anchors.size());
   // A group is complete for row i: every member visible under the mask, and (window) a(g) <= i - w,
-  // which under causality also makes every member <= i. Rows sharing a mask row share mask_all.
+  // which under causality also makes every member <= i. mask_all[g]: no member hidden by the mask
+  // row, found by scanning the row for zeros (up to i1 - w under the window: later members belong
+  // to groups the window rejects anyway); rows sharing a mask row share it.
   sc.complete.assign(rows * G, 0);
   int64_t n_group = 0;
+  const int64_t scan = window ? std::min(std::max(i1 - w, int64_t(0)), pr.Nk) : pr.Nk;
   for (int64_t i = i0; i < i1; ++i) {
     const bool* mrow = pr.mask_row(b, h, i);
     if (mrow != sc.mask_all_row || sc.mask_all.size() != static_cast<size_t>(G)) {
       sc.mask_all.assign(G, 1);
-      for (int64_t t = 0; t < G * m; ++t)
-        if (!mrow[sel.nonfocus[t] * pr.mask_stride[3]]) sc.mask_all[t / m] = 0;
+      if (pr.mask_stride[3] == 0) {
+        if (scan > 0 && !mrow[0]) std::fill(sc.mask_all.begin(), sc.mask_all.end(), 0);
+      } else {
+        for (const void* z = mrow; (z = std::memchr(z, 0, mrow + scan - static_cast<const bool*>(z)));) {
+          const bool* hidden = static_cast<const bool*>(z);
+          if (sel.group_of[hidden - mrow] >= 0) sc.mask_all[sel.group_of[hidden - mrow]] = 0;
+          z = hidden + 1;
+        }
+      }
       sc.mask_all_row = mrow;
     }
     for (int64_t gi = 0; gi < G; ++gi) {
