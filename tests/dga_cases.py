@@ -38,8 +38,8 @@ def qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, dtype=torch.float64
 def make_mask(kind: str, B: int, Hq: int, Nq: int, Nk: int, dtype=torch.float64, seed: int = 0) -> Optional[Tensor]:
     """An ``attn_mask`` of the given kind, broadcastable to [B, Hq, Nq, Nk].
 
-    pad_right / pad_left: bool key padding [B, 1, 1, Nk] (batch 0 unpadded, others padded by
-    up to a third of Nk at the end / start); bool: random [B, Hq, Nq, Nk], 85% visible;
+    pad_right / pad_left: bool key padding [B, 1, 1, Nk] (batch 0 unpadded when B > 1, the others
+    padded by 1 to a third of Nk at the end / start); bool: random [B, Hq, Nq, Nk], 85% visible;
     additive_inf: right padding as 0/−inf in ``dtype``; additive_finfo: HF-style causal + left
     padding as 0/finfo.min [B, 1, Nq, Nk]; causal_mask: a top-left causal bool [Nq, Nk].
     """
@@ -47,8 +47,8 @@ def make_mask(kind: str, B: int, Hq: int, Nq: int, Nk: int, dtype=torch.float64,
     if kind == "none":
         return None
     if kind in ("pad_right", "pad_left", "additive_inf", "additive_finfo"):
-        pad = torch.randint(0, max(Nk // 3, 1) + 1, (B,), generator=g)
-        pad[0] = 0
+        pad = torch.randint(1, max(Nk // 3, 1) + 1, (B,), generator=g)
+        pad[0] = 0 if B > 1 else pad[0]
         pos = torch.arange(Nk)
         left = kind in ("pad_left", "additive_finfo")
         keep = pos >= pad[:, None] if left else pos < (Nk - pad)[:, None]

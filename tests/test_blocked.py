@@ -14,16 +14,16 @@ GOLDEN_FACTOR = 2.0
 GOLDEN_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
-def _check(q, k, v, attn_mask, causal, cfg, block_size=BLOCK_SIZE):
+def _check(q, k, v, attn_mask, causal, cfg, block_size=BLOCK_SIZE, scale=None):
     """blocked == reference at q's dtype; below float64 also: blocked is within GOLDEN_FACTOR×
     of the reference's own error against the reference on float64-upcast inputs."""
-    got = blocked_attention(q, k, v, attn_mask, causal, None, cfg, block_size=block_size)
-    want = reference_attention(q, k, v, attn_mask, causal, None, cfg)
+    got = blocked_attention(q, k, v, attn_mask, causal, scale, cfg, block_size=block_size)
+    want = reference_attention(q, k, v, attn_mask, causal, scale, cfg)
     assert got.dtype == q.dtype and got.shape == want.shape and not got.isnan().any()
     torch.testing.assert_close(got, want, **TOL[q.dtype])
     if q.dtype != torch.float64:
         up = lambda x: None if x is None or x.dtype == torch.bool else x.double()
-        golden = reference_attention(*(x.double() for x in (q, k, v)), up(attn_mask), causal, None, cfg)
+        golden = reference_attention(*(x.double() for x in (q, k, v)), up(attn_mask), causal, scale, cfg)
         assert max_err(got, golden) <= GOLDEN_FACTOR * max_err(want, golden) + GOLDEN_FLOOR[q.dtype]
     return got
 
@@ -55,6 +55,19 @@ def test_sizes(B, Hq, Hkv, N, D, Dv, block_size, causal, mask):
     q, k, v = qkv(B, Hq, Hkv, N, N, D, seed=N, Dv=Dv)
     cfg = SMALL.replace(group_size=16, num_probe=64, window=64) if N >= 1000 else SMALL
     _check(q, k, v, make_mask(mask, B, Hq, N, N, seed=N), causal, cfg, block_size)
+
+
+@pytest.mark.parametrize("mask_shape", [(77,), (77, 77), (4, 77, 77), (2, 1, 1, 77), (1, 4, 1, 77), (2, 4, 77, 77)],
+                         ids=lambda s: "mask" + "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_hf_layout_mask_ranks_scale_B2_H4_KV2_N77_D8(causal, mask_shape):
+    """Non-contiguous q/k/v (HF's [B, N, H, D].transpose(1, 2)), every mask rank, a custom scale."""
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv(2, 4, 2, 77, 77, 8, seed=8))
+    assert not q.is_contiguous()
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(8)) < 0.8
+    got = _check(q, k, v, mask, causal, SMALL, block_size=32, scale=0.3)
+    want = blocked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, causal, 0.3, SMALL, block_size=32)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("cfg", [

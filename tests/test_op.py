@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from dga_cases import SMALL, TOL, make_mask, qkv
 from dga_compile import DGAConfig, dynamic_group_attention, reference_attention
@@ -32,9 +33,9 @@ def _leaves(*xs):
 @pytest.mark.parametrize("mask", ["none", "pad_left"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("impl", ["blocked", "reference"])
-def test_gradcheck_B1_H2_KV1_N16_D4(impl, causal, mask):
-    q, k, v = _leaves(*qkv(1, 2, 1, 16, 16, 4, seed=1))
-    attn_mask = make_mask(mask, 1, 2, 16, 16)
+def test_gradcheck_B2_H2_KV1_N16_D4(impl, causal, mask):
+    q, k, v = _leaves(*qkv(2, 2, 1, 16, 16, 4, seed=1))
+    attn_mask = make_mask(mask, 2, 2, 16, 16)
     fn = lambda q, k, v: torch.ops.dga.attention(*_op_args(q, k, v, attn_mask, causal, impl=impl))
     # Full (slow-mode) gradcheck for one case, the rest by random projections.
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=(impl, causal, mask) != ("blocked", True, "pad_left"))
@@ -57,8 +58,8 @@ def test_blocked_op_grads_match_reference_autograd_B2_H4_KV2_N150_D8(dtype, caus
 
 @pytest.mark.parametrize("impl", ["blocked", "reference"])
 def test_opcheck(impl):
-    q, k, v = qkv(1, 4, 2, 20, 20, 8, torch.float32, seed=3)
-    mask = make_mask("pad_left", 1, 4, 20, 20)
+    q, k, v = qkv(2, 4, 2, 20, 20, 8, torch.float32, seed=3)
+    mask = make_mask("pad_left", 2, 4, 20, 20)
     for args in (_op_args(q, k, v, None, True, impl=impl),
                  _op_args(*_leaves(q, k, v), mask, True, impl=impl),
                  _op_args(*_leaves(q, k, v), mask.float().log(), False, impl=impl)):
@@ -93,16 +94,19 @@ def test_public_dropout_draws_a_new_mask_per_call():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compile_fullgraph_matches_eager_B1_H4_KV2_N64_D8(backend):
-    inputs = qkv(1, 4, 2, 64, 64, 8, torch.float32, seed=6)
-    mask = make_mask("pad_left", 1, 4, 64, 64)
+def test_compile_fullgraph_matches_eager_B2_H4_KV2_N64_D8(backend):
+    inputs = qkv(2, 4, 2, 64, 64, 8, torch.float32, seed=6)
+    mask = make_mask("pad_left", 2, 4, 64, 64)
 
     def fn(q, k, v):
         return dynamic_group_attention(q, k, v, mask, is_causal=True, enable_gqa=True, config=SMALL) * 2
 
     torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
     a, b = _leaves(*inputs), _leaves(*inputs)
-    got = _grads(torch.compile(fn, fullgraph=True, backend=backend)(*a), a)
+    got = _grads(torch.compile(fn, fullgraph=True, backend=counter)(*a), a)
+    assert counter.frame_count == 1
+    assert torch.ops.dga.attention in {n.target for n in counter.graphs[0].graph.nodes}
     want = _grads(fn(*b), b)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
