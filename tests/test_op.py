@@ -32,13 +32,14 @@ def _leaves(*xs):
 
 @pytest.mark.parametrize("mask", ["none", "pad_left"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq", [16, 7], ids=["Nq16", "Nq7-dense"])
 @pytest.mark.parametrize("impl", ["blocked", "reference"])
-def test_gradcheck_B2_H2_KV1_N16_D4(impl, causal, mask):
-    q, k, v = _leaves(*qkv(2, 2, 1, 16, 16, 4, seed=1))
-    attn_mask = make_mask(mask, 2, 2, 16, 16)
+def test_gradcheck_B2_H2_KV1_Nk16_D4(impl, nq, causal, mask):
+    q, k, v = _leaves(*qkv(2, 2, 1, nq, 16, 4, seed=1))
+    attn_mask = make_mask(mask, 2, 2, nq, 16)
     fn = lambda q, k, v: torch.ops.dga.attention(*_op_args(q, k, v, attn_mask, causal, impl=impl))
-    # Full (slow-mode) gradcheck for one case, the rest by random projections.
-    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=(impl, causal, mask) != ("blocked", True, "pad_left"))
+    full = (impl, nq, causal, mask) == ("blocked", 16, True, "pad_left")   # one full gradcheck, the rest fast
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=not full)
 
 
 @pytest.mark.parametrize("mask", ["none", "pad_left", "bool", "additive_finfo"])
@@ -64,6 +65,9 @@ def test_opcheck(impl):
                  _op_args(*_leaves(q, k, v), mask, True, impl=impl),
                  _op_args(*_leaves(q, k, v), mask.float().log(), False, impl=impl)):
         torch.library.opcheck(torch.ops.dga.attention.default, args)
+    grad_out = torch.randn(2, 4, 20, 8, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.dga.attention_backward.default,
+                          (grad_out, *_op_args(q, k, v, mask, True, impl=impl)))
 
 
 @pytest.mark.parametrize("impl", ["blocked", "reference"])
