@@ -117,3 +117,12 @@ def test_property_blocked_equals_reference_fp64(case):
     B, Hkv, rep, n, D, causal, mask, cfg, block_size, seed = case
     q, k, v = qkv(B, Hkv * rep, Hkv, n, n, D, seed=seed)
     _check(q, k, v, make_mask(mask, B, Hkv * rep, n, n, seed=seed), causal, cfg, block_size)
+
+
+@pytest.mark.parametrize("cfg", [SMALL.replace(focus_ratio=1.0), SMALL.replace(focus_ratio=0.9)],
+                         ids=["gamma1", "gamma0.9"])
+def test_regression_mask_without_groups_B2_H4_KV2_N20_D8(cfg):
+    """Regression: with a mask and no complete group (γ = 1, or fewer than m non-focus keys),
+    the masked candidate path reshaped a 0-element tensor with a -1 dim and crashed."""
+    q, k, v = qkv(2, 4, 2, 20, 20, 8, seed=9)
+    _check(q, k, v, make_mask("pad_left", 2, 4, 20, 20), True, cfg)
