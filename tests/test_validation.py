@@ -18,9 +18,9 @@ def _call(q=Q, k=K, v=V, enable_gqa=True, **kw):
 
 # (call, the message must contain these substrings: the observed value and what to do)
 _BAD_CALLS = {
-    "rank3-q": (_call(q=Q[0]), ["q must have shape [B, H, N, D]", "(4, 8, 4)"]),
-    "rank5-v": (_call(v=V[None]), ["v must have shape", "(1, 1, 2, 8, 4)"]),
-    "not-a-tensor": (_call(q=Q.numpy()), ["q must be a torch.Tensor", "ndarray"]),
+    "rank3-q": (_call(q=Q[0]), ["query must have shape [B, H, N, D]", "(4, 8, 4)"]),
+    "rank5-v": (_call(v=V[None]), ["value must have shape", "(1, 1, 2, 8, 4)"]),
+    "not-a-tensor": (_call(q=Q.numpy()), ["query must be a torch.Tensor", "ndarray"]),
     "Hq%Hkv": (_call(q=torch.randn(1, 6, 8, 4), k=torch.randn(1, 4, 8, 4), v=torch.randn(1, 4, 8, 4)),
                ["Hq=6", "Hkv=4", "multiple"]),
     "gqa-without-flag": (_call(enable_gqa=False), ["Hq=4", "Hkv=2", "enable_gqa=True"]),
@@ -31,7 +31,7 @@ _BAD_CALLS = {
                     ["attn_mask is on meta", ".to(q.device)"]),
     "mask-shape": (_call(attn_mask=torch.ones(8, 9, dtype=torch.bool)), ["(8, 9)", "[1, 4, 8, 8]"]),
     "mask-int": (_call(attn_mask=torch.ones(8, 8, dtype=torch.int64)), ["bool", "torch.int64"]),
-    "batch": (_call(k=torch.randn(2, 2, 8, 4), v=torch.randn(2, 2, 8, 4)), ["batch sizes differ", "q 1, k 2"]),
+    "batch": (_call(k=torch.randn(2, 2, 8, 4), v=torch.randn(2, 2, 8, 4)), ["batch sizes differ", "query 1, key 2"]),
     "head-dim": (_call(k=torch.randn(1, 2, 8, 5)), ["D=4", "D=5"]),
     "kv-length": (_call(v=torch.randn(1, 2, 9, 4)), ["(1, 2, 8, 4)", "(1, 2, 9, 4)"]),
     "dropout-1": (_call(dropout_p=1.0), ["dropout_p", "1.0"]),
