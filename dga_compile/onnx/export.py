@@ -21,7 +21,7 @@ from ..config import DGAConfig
 from ._function import function_proto
 from ._schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, node_attributes, register_schema
 
-__all__ = ["export", "trace", "dga_nodes", "OPSET"]
+__all__ = ["export", "prepare", "trace", "dga_nodes", "OPSET"]
 
 #: ONNX (ai.onnx) opset of exported models; the function body imports the same version.
 OPSET = 18
@@ -46,6 +46,22 @@ def trace(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tup
         return torch.export.export(model, tuple(args), dict(kwargs or {}), dynamic_shapes=shapes)
 
 
+def prepare(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, kwargs: Optional[dict] = None,
+            config: Optional[DGAConfig] = None, dynamic: bool = True) -> tuple[torch.export.ExportedProgram, Any]:
+    """`trace`, then rewrite attention sites into DGA with ``dga_compile.rewrite``.
+
+    Returns (program, `RewriteReport`); the report is None while the passes are not installed
+    (then only sites that already call DGA are exported).
+    """
+    from .. import passes
+
+    program = trace(model, args, kwargs, dynamic)
+    rewrite = getattr(passes, "rewrite", None)
+    if rewrite is None:
+        return program, None
+    return rewrite(program, config)
+
+
 def dga_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
     """The ``dga.attention`` calls of a program's graph."""
     return [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.dga.attention.default]
@@ -61,18 +77,17 @@ def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tu
             ``torch.ops.dga.attention`` (e.g. via `dga_compile.dynamic_group_attention`).
         args, kwargs: sample inputs (for tracing; their sizes do not matter with ``dynamic``).
         path: output file; written atomically (a temp file renamed into place), overwritten.
-        config: `DGAConfig` for the rewrite of attention sites (sites that already call DGA
-            keep their own parameters).
+        config: `DGAConfig` of the rewrite (`prepare`) that turns attention sites into DGA;
+            sites that already call DGA keep their own parameters.
         dynamic: keep batch and sequence dims symbolic (``Dim.AUTO``).
         check: run ``onnx.checker.check_model(full_check=True)`` on the result.
 
     Returns:
         The path written. The ONNX opset is `OPSET`; the custom domain is ``ai.dga`` version 1.
     """
-    del config  # NYI: the attention rewrite (dga_compile.rewrite) is applied here once it lands
-    program = trace(model, args, kwargs, dynamic)
+    program, _ = prepare(model, args, kwargs, config, dynamic)
     register_schema()
-    onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True,
+    onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                      custom_translation_table={torch.ops.dga.attention.default: _translate})
     proto = with_function(onnx_program.model_proto)
     if check:
