@@ -34,7 +34,7 @@ test: $(STAMP) ort-op
 test-all: $(STAMP) ort-op
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
-test-gpu: $(STAMP)
+test-gpu: $(STAMP) ort-op
 	$(BIN)/python -m pytest -q -m gpu tests
 
 bench: $(STAMP)

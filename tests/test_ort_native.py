@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from dga_compile.config import DGAConfig  # noqa: E402
-from dga_compile.onnx import native  # noqa: E402
+from dga_compile.onnx import DOMAIN, OP_TYPE, native  # noqa: E402
 from dga_compile.reference import reference_attention  # noqa: E402
 
 ATOL = RTOL = 1e-4
@@ -35,9 +35,9 @@ def _model(with_mask: bool, attrs: dict) -> bytes:
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:3]]
     if with_mask:
         inputs.append(helper.make_tensor_value_info("attn_mask", TensorProto.BOOL, None))
-    node = helper.make_node(native.OP_TYPE, names, ["out"], domain=native.DOMAIN, **attrs)
+    node = helper.make_node(OP_TYPE, names, ["out"], domain=DOMAIN, **attrs)
     graph = helper.make_graph([node], "dga", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
@@ -47,15 +47,16 @@ def _attrs(cfg: DGAConfig, is_causal: bool, scale: float) -> dict:
                 is_causal=int(is_causal), scale=scale)
 
 
-def _session(library, model: bytes, threads: int = 0):
+def _session(library, model: bytes, threads: int = 0, provider: str = "CPUExecutionProvider"):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.register_custom_ops_library(str(library))
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, so, providers=[provider])
 
 
-def _run_native(library, q, k, v, mask, cfg, is_causal, scale, threads=0) -> torch.Tensor:
-    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, scale)), threads)
+def _run_native(library, q, k, v, mask, cfg, is_causal, scale, threads=0, provider="CPUExecutionProvider"):
+    """The op's output as a tensor (inputs and output bound in host memory)."""
+    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, scale)), threads, provider)
     feeds = dict(q=q.numpy(), k=k.numpy(), v=v.numpy())
     if mask is not None:
         feeds["attn_mask"] = mask.numpy()
@@ -113,18 +114,35 @@ def _mask(kind, B, H, N):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,N,D,Dv,is_causal,mask_kind,changes",
-                         [pytest.param(*c[1:], id=c[0]) for c in CASES])
-def test_native_matches_reference(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes):
+def _check_case(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes, provider):
     cfg = DGAConfig() if changes is None else DGAConfig(min_seq_len=0).replace(**changes)
     q, k, v = _inputs(B, Hq, Hkv, N, N, D, Dv)
     mask = _mask(mask_kind, B, Hq, N)
     scale = 1.0 / math.sqrt(D)
     ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, config=cfg)
-    out = _run_native(library, q, k, v, mask, cfg, is_causal, scale)
+    out = _run_native(library, q, k, v, mask, cfg, is_causal, scale, provider=provider)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     if mask_kind == "emptyrows":
         assert bool((out[:, :, 50:53] == 0).all())
+
+
+CASE_PARAMS = [pytest.param(*c[1:], id=c[0]) for c in CASES]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,Dv,is_causal,mask_kind,changes", CASE_PARAMS)
+def test_native_matches_reference(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes):
+    _check_case(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes, "CPUExecutionProvider")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,Dv,is_causal,mask_kind,changes", CASE_PARAMS)
+def test_native_cuda_matches_reference(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes):
+    """The CUDA kernel (session compute stream) on the same cases as the CPU kernel."""
+    if not ctypes.CDLL(str(library)).DgaOrtHasCuda():
+        pytest.skip("the library was built without nvcc: no CUDA kernel")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    _check_case(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes, "CUDAExecutionProvider")
 
 
 def _sdpa(q, k, v, mask, is_causal, scale):

@@ -178,6 +178,15 @@ struct DgaOp : Ort::CustomOpBase<DgaOp<Kernel>, Kernel, true> {
 // The ORT C API version these sources were built against (the headers' ORT_API_VERSION).
 DGA_EXPORT int DgaOrtApiVersion() { return ORT_API_VERSION; }
 
+// 1 when the CUDA kernel was compiled in (nvcc was present at build time).
+DGA_EXPORT int DgaOrtHasCuda() {
+#ifdef DGA_WITH_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // 0 when the runtime offers this library's API version; otherwise 1 and a message naming both.
 DGA_EXPORT int DgaOrtCheckApi(const OrtApiBase* base, char* message, size_t size) {
   if (base->GetApi(ORT_API_VERSION) != nullptr) return 0;

@@ -22,11 +22,10 @@ import sys
 import tempfile
 from typing import Optional
 
-__all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library",
-           "NativeBuildError", "DOMAIN", "OP_TYPE"]
+from ..cli import CLIError, Subcommand
 
-DOMAIN = "ai.dga"
-OP_TYPE = "DynamicGroupAttention"
+__all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library",
+           "NativeBuildError", "BUILD_ORT_OP"]
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 _SOURCES = _REPO / "csrc" / "ort"
@@ -173,11 +172,29 @@ def register_library(session_options) -> pathlib.Path:
     return path
 
 
+def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include-dir", help="ONNX Runtime headers (default: $ORT_INCLUDE_DIR or fetched)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+
+def _run_build(args: argparse.Namespace, console) -> int:
+    try:
+        path = build_library(args.include_dir, args.force)
+    except NativeBuildError as err:
+        raise CLIError(f"ONNX Runtime custom-op library not built: {err}") from err
+    console.print(f"built {path}" + (" (CPU + CUDA kernels)" if _nvcc() else " (CPU kernel)"), highlight=False)
+    return 0
+
+
+#: ``dga-compile build-ort-op`` (registered in `dga_compile.cli.SUBCOMMANDS`).
+BUILD_ORT_OP = Subcommand(help="build the ONNX Runtime custom-op library (ai.dga::DynamicGroupAttention)",
+                          add_arguments=_add_build_arguments, run=_run_build)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dga_compile.onnx.native", description=__doc__.splitlines()[0])
     parser.add_argument("--build", action="store_true", help="build the library (fetching headers if needed)")
-    parser.add_argument("--include-dir", help="ONNX Runtime headers (default: $ORT_INCLUDE_DIR or fetched)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    _add_build_arguments(parser)
     parser.add_argument("--soft", action="store_true", help="on failure print the reason and exit 0")
     args = parser.parse_args(argv)
     if not args.build:
