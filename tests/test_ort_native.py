@@ -94,6 +94,8 @@ CASES = [
     ("B1-H2-N190-D32-maskcausal", 1, 2, 2, 190, 32, 32, False, "causal4d", {"window": 20, "group_size": 6}),
     ("B1-H2-N160-D32-randmask-hq", 1, 2, 2, 160, 32, 32, False, "random", {"group_size": 4, "focus_ratio": 0.25}),
     ("B1-H2-N120-D32-causal-emptyrows", 1, 2, 2, 120, 32, 32, True, "emptyrows", {"group_size": 4, "window": 8}),
+    ("B1-H2-N130-D32-causal-true1111", 1, 2, 2, 130, 32, 32, True, "true1111", {"group_size": 4, "window": 8}),
+    ("B1-H2-N130-D32-false1111", 1, 2, 2, 130, 32, 32, False, "false1111", {"group_size": 4}),
     ("B1-H2-N1100-D64-causal-defaults", 1, 2, 2, 1100, 64, 64, True, None, None),
 ]
 
@@ -107,6 +109,8 @@ def _mask(kind, B, H, N):
         return torch.ones(N, N, dtype=torch.bool).tril()[None, None].expand(B, 1, N, N).contiguous()
     if kind == "random":
         return torch.rand(B, H, N, N, generator=torch.Generator().manual_seed(3)) < 0.9
+    if kind in ("true1111", "false1111"):  # the exporter's "no mask", and its negation
+        return torch.full((1, 1, 1, 1), kind == "true1111")
     if kind == "emptyrows":
         m = torch.ones(B, 1, N, N, dtype=torch.bool)
         m[:, :, 50:53] = False  # fully masked rows -> 0

@@ -94,7 +94,6 @@ dga::Problem make_problem(const Ort::KernelContext& ctx, const dga::Params& p, i
     stride *= ms[d];
   }
   pr.mask = ctx.GetInput(3).GetTensorData<bool>();
-  pr.mask_rows_vary = ms[2] != 1;
   return pr;
 }
 
@@ -117,7 +116,10 @@ struct CpuKernel {
     return guarded([&] {
       Ort::KernelContext ctx(context);
       int64_t mask_shape[4] = {1, 1, 1, 1};
-      const dga::Problem pr = make_problem(ctx, p, mask_shape);
+      dga::Problem pr = make_problem(ctx, p, mask_shape);
+      // The exporter passes an all-true [1, 1, 1, 1] mask for "no mask": take the unmasked path.
+      if (pr.mask != nullptr && mask_shape[0] * mask_shape[1] * mask_shape[2] * mask_shape[3] == 1 && pr.mask[0])
+        pr.mask = nullptr;
       auto out = ctx.GetOutput(0, {pr.B, pr.Hq, pr.Nq, pr.Dv});
       dga::ParallelFor parallel_for = [&](size_t total, const std::function<void(size_t)>& body) {
         auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };

@@ -32,13 +32,11 @@ struct Params {
 };
 
 // q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], out [B, Hq, Nq, Dv], all contiguous.
-// mask: nullptr or bool broadcast to [B, Hq, Nq, Nk] through mask_stride (0 on broadcast dims);
-// mask_rows_vary: the mask's Nq dim is not 1 (only then can it stand for causality).
+// mask: nullptr or bool broadcast to [B, Hq, Nq, Nk] through mask_stride (0 on broadcast dims).
 struct Problem {
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
   const bool* mask = nullptr;
   int64_t mask_stride[4] = {0, 0, 0, 0};
-  bool mask_rows_vary = false;
   Params p;
 
   float scale() const { return p.scale > 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(D)); }
