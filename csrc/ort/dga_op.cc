@@ -109,7 +109,35 @@ OrtStatusPtr guarded(F&& body) {
   }
 }
 
-struct CpuKernel {
+// The CPU kernel: ORT's intra-op thread pool runs the work items.
+struct Cpu {
+  static void run(const Ort::KernelContext& ctx, dga::Problem& pr, const int64_t mask_shape[4], const float* q,
+                  const float* k, const float* v, float* out) {
+    // The exporter passes an all-true [1, 1, 1, 1] mask for "no mask": take the unmasked path.
+    if (pr.mask != nullptr && mask_shape[0] * mask_shape[1] * mask_shape[2] * mask_shape[3] == 1 && pr.mask[0])
+      pr.mask = nullptr;
+    dga::ParallelFor parallel_for = [&](size_t total, const std::function<void(size_t)>& body) {
+      auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };
+      ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&body));
+    };
+    dga::attention_cpu(pr, dga::window_applies_cpu(pr, mask_shape), q, k, v, out, parallel_for);
+  }
+};
+
+#ifdef DGA_WITH_CUDA
+// The CUDA kernel: everything on the session's compute stream.
+struct Cuda {
+  static void run(const Ort::KernelContext& ctx, dga::Problem& pr, const int64_t mask_shape[4], const float* q,
+                  const float* k, const float* v, float* out) {
+    const std::string err = dga::attention_cuda(pr, mask_shape, q, k, v, out, ctx.GetGPUComputeStream());
+    if (!err.empty()) ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention (CUDA): " + err, ORT_RUNTIME_EXCEPTION);
+  }
+};
+#endif
+
+// One call: read and check the inputs, allocate the output, run it on Device.
+template <typename Device>
+struct Kernel {
   dga::Params p;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -117,39 +145,12 @@ struct CpuKernel {
       Ort::KernelContext ctx(context);
       int64_t mask_shape[4] = {1, 1, 1, 1};
       dga::Problem pr = make_problem(ctx, p, mask_shape);
-      // The exporter passes an all-true [1, 1, 1, 1] mask for "no mask": take the unmasked path.
-      if (pr.mask != nullptr && mask_shape[0] * mask_shape[1] * mask_shape[2] * mask_shape[3] == 1 && pr.mask[0])
-        pr.mask = nullptr;
       auto out = ctx.GetOutput(0, {pr.B, pr.Hq, pr.Nq, pr.Dv});
-      dga::ParallelFor parallel_for = [&](size_t total, const std::function<void(size_t)>& body) {
-        auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };
-        ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&body));
-      };
-      dga::attention_cpu(pr, dga::window_applies_cpu(pr, mask_shape), ctx.GetInput(0).GetTensorData<float>(),
-                         ctx.GetInput(1).GetTensorData<float>(), ctx.GetInput(2).GetTensorData<float>(),
-                         out.GetTensorMutableData<float>(), parallel_for);
+      Device::run(ctx, pr, mask_shape, ctx.GetInput(0).GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
+                  ctx.GetInput(2).GetTensorData<float>(), out.GetTensorMutableData<float>());
     });
   }
 };
-
-#ifdef DGA_WITH_CUDA
-struct CudaKernel {
-  dga::Params p;
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return guarded([&] {
-      Ort::KernelContext ctx(context);
-      int64_t mask_shape[4] = {1, 1, 1, 1};
-      const dga::Problem pr = make_problem(ctx, p, mask_shape);
-      auto out = ctx.GetOutput(0, {pr.B, pr.Hq, pr.Nq, pr.Dv});
-      const std::string err = dga::attention_cuda(
-          pr, mask_shape, ctx.GetInput(0).GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
-          ctx.GetInput(2).GetTensorData<float>(), out.GetTensorMutableData<float>(), ctx.GetGPUComputeStream());
-      if (!err.empty()) ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention (CUDA): " + err, ORT_RUNTIME_EXCEPTION);
-    });
-  }
-};
-#endif
 
 // One op class per execution provider: q, k, v float32, optional bool attn_mask; float32 output.
 template <typename Kernel>
@@ -206,9 +207,9 @@ DGA_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   if (DgaOrtCheckApi(base, message, sizeof message) != 0)
     return base->GetApi(1)->CreateStatus(ORT_FAIL, message);  // version 1 is always served
   Ort::InitApi(base->GetApi(ORT_API_VERSION));
-  static const DgaOp<CpuKernel> cpu_op("CPUExecutionProvider");
+  static const DgaOp<Kernel<Cpu>> cpu_op("CPUExecutionProvider");
 #ifdef DGA_WITH_CUDA
-  static const DgaOp<CudaKernel> cuda_op("CUDAExecutionProvider");
+  static const DgaOp<Kernel<Cuda>> cuda_op("CUDAExecutionProvider");
 #endif
   static std::mutex lock;
   static std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // must outlive every session
