@@ -18,6 +18,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 constexpr int64_t BLOCK = 64;  // query rows per work item
 constexpr int64_t TILE_M = 6, TILE_N = 16;
+constexpr int64_t PROBE_ROWS = 66;  // probe rows scored per GEMM (a multiple of TILE_M)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -109,25 +110,29 @@ void gather_rows(const float* x, int64_t width, const std::vector<int64_t>& idx,
 // Step 1: s[j] = Σ_{h∈g} Σ_{p∈P} softmax_j(scale·q[h,p]·k[j] | Visible(p, j)); step 2: top n_f, ties by position.
 void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float* k, const float* v, Selection& sel) {
   const int64_t D = pr.D, Dv = pr.Dv, Nk = pr.Nk, rep = pr.Hq / pr.Hkv;
-  const int64_t r = std::min(pr.p.num_probe, pr.Nq), rows = rep * r;
-  const int64_t rows_pad = round_up(rows, TILE_M), nk_pad = round_up(Nk, TILE_N);
+  const int64_t r = std::min(pr.p.num_probe, pr.Nq), rows = rep * r, nk_pad = round_up(Nk, TILE_N);
   const float* kb = k + (b * pr.Hkv + g) * Nk * D;
-  std::vector<float> probes(rows_pad * D, 0.0f), kt(D * nk_pad, 0.0f), logits(rows_pad * nk_pad);
-  for (int64_t hh = 0; hh < rep; ++hh)
-    std::memcpy(&probes[hh * r * D], q + ((b * pr.Hq + g * rep + hh) * pr.Nq + pr.Nq - r) * D, r * D * sizeof(float));
+  std::vector<float> kt(D * nk_pad, 0.0f), probes(PROBE_ROWS * D), logits(PROBE_ROWS * nk_pad);
   for (int64_t j = 0; j < Nk; ++j)
     for (int64_t d = 0; d < D; ++d) kt[d * nk_pad + j] = kb[j * D + d];
-  gemm(rows_pad, nk_pad, D, probes.data(), D, kt.data(), nk_pad, logits.data(), nk_pad);
   std::vector<float> score(Nk, 0.0f);
   const float scale = pr.scale();
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t h = g * rep + row / r, i = pr.Nq - r + row % r;
-    const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
-    float* lg = &logits[row * nk_pad];
-    for (int64_t j = 0; j < nk_pad; ++j) lg[j] = j < Nk && pr.visible(mrow, i, j) ? scale * lg[j] : NEG_INF;
-    const float sum = softmax_numerators(lg, nk_pad);
-    if (sum > 0.0f)
-      for (int64_t j = 0; j < Nk; ++j) score[j] += lg[j] / sum;
+  for (int64_t row0 = 0; row0 < rows; row0 += PROBE_ROWS) {  // probe rows (h, p) in chunks
+    const int64_t n_rows = std::min(PROBE_ROWS, rows - row0);
+    std::fill(probes.begin(), probes.end(), 0.0f);
+    for (int64_t row = row0; row < row0 + n_rows; ++row)
+      std::memcpy(&probes[(row - row0) * D], q + ((b * pr.Hq + g * rep + row / r) * pr.Nq + pr.Nq - r + row % r) * D,
+                  D * sizeof(float));
+    gemm(round_up(n_rows, TILE_M), nk_pad, D, probes.data(), D, kt.data(), nk_pad, logits.data(), nk_pad);
+    for (int64_t row = row0; row < row0 + n_rows; ++row) {
+      const int64_t h = g * rep + row / r, i = pr.Nq - r + row % r;
+      const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
+      float* lg = &logits[(row - row0) * nk_pad];
+      for (int64_t j = 0; j < nk_pad; ++j) lg[j] = j < Nk && pr.visible(mrow, i, j) ? scale * lg[j] : NEG_INF;
+      const float sum = softmax_numerators(lg, nk_pad);
+      if (sum > 0.0f)
+        for (int64_t j = 0; j < Nk; ++j) score[j] += lg[j] / sum;
+    }
   }
   const int64_t n_f = pr.num_focus();
   std::vector<int64_t> order(Nk);
