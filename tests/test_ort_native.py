@@ -234,3 +234,13 @@ def test_python_api_version_check(library):
 def test_register_library(library):
     so = ort.SessionOptions()
     assert native.register_library(so) == native.library_path()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_kind,is_causal", [pytest.param(None, True, id="B1-H4-Hkv2-N3001-causal"),
+                                                 pytest.param("pad", True, id="B2-H4-Hkv2-N3001-causal-padmask"),
+                                                 pytest.param("causal4d", False, id="B1-H4-Hkv2-N3001-maskcausal")])
+def test_native_long_defaults(library, mask_kind, is_causal):
+    """Default DGAConfig at a length where every part (window, many groups, focus prefix) is in play."""
+    B = 2 if mask_kind == "pad" else 1
+    _check_case(library, B, 4, 2, 3001, 64, 64, is_causal, mask_kind, None, "CPUExecutionProvider")
