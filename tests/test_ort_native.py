@@ -244,3 +244,12 @@ def test_native_long_defaults(library, mask_kind, is_causal):
     """Default DGAConfig at a length where every part (window, many groups, focus prefix) is in play."""
     B = 2 if mask_kind == "pad" else 1
     _check_case(library, B, 4, 2, 3001, 64, 64, is_causal, mask_kind, None, "CPUExecutionProvider")
+
+
+def test_cli_build_ort_op(library, tmp_path, capsys):
+    from dga_compile.cli import main
+
+    assert main(["build-ort-op"]) == 0  # up to date: nothing rebuilt
+    assert main(["build-ort-op", "--include-dir", str(tmp_path), "--force"]) == 1
+    assert "has no onnxruntime_cxx_api.h" in capsys.readouterr().err
+    assert native.library_path() == library
