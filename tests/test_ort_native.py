@@ -30,13 +30,13 @@ def library():
         pytest.skip(f"native ORT op library cannot be built here: {err}")
 
 
-def _model(with_mask: bool, attrs: dict) -> bytes:
+def _model(with_mask: bool, attrs: dict, elem=TensorProto.FLOAT) -> bytes:
     names = ["q", "k", "v"] + (["attn_mask"] if with_mask else [])
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:3]]
+    inputs = [helper.make_tensor_value_info(n, elem, None) for n in names[:3]]
     if with_mask:
         inputs.append(helper.make_tensor_value_info("attn_mask", TensorProto.BOOL, None))
     node = helper.make_node(OP_TYPE, names, ["out"], domain=DOMAIN, **attrs)
-    graph = helper.make_graph([node], "dga", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([node], "dga", inputs, [helper.make_tensor_value_info("out", elem, None)])
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
@@ -171,6 +171,21 @@ def test_native_exact_cases_equal_sdpa(library, Nq, Nk, is_causal, changes):
     mask = _padding_mask(1, Nk)
     out = _run_native(library, q, k, v, mask, cfg, is_causal, 0.2)
     torch.testing.assert_close(out, _sdpa(q, k, v, mask, is_causal, 0.2), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("is_causal,mask_kind", [pytest.param(True, None, id="B2-H2-N203-D32-causal-fp16"),
+                                                 pytest.param(False, "pad", id="B2-H2-N203-D32-padmask-fp16")])
+def test_native_float16(library, is_causal, mask_kind):
+    """float16 tensors compute in float32 like the reference; only the output rounding differs."""
+    cfg = DGAConfig(min_seq_len=0, group_size=8, window=16)
+    q, k, v = (t.half() for t in _inputs(2, 2, 2, 203, 203, 32, 32, seed=11))
+    mask = _mask(mask_kind, 2, 2, 203)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=0.2, config=cfg)
+    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, 0.2), TensorProto.FLOAT16))
+    feeds = dict(q=q.numpy(), k=k.numpy(), v=v.numpy()) | ({} if mask is None else {"attn_mask": mask.numpy()})
+    out = torch.from_numpy(sess.run(None, feeds)[0])
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
 
 
 def test_native_threads_agree(library):

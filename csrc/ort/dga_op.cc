@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dga_cpu.h"
@@ -135,9 +136,18 @@ struct Cuda {
 };
 #endif
 
-// One call: read and check the inputs, allocate the output, run it on Device.
-template <typename Device>
+// float16 tensors run in float32 (the working precision): widened on entry, narrowed on exit.
+std::vector<float> widen(const Ort::Float16_t* x, size_t n) {
+  std::vector<float> r(n);
+  for (size_t i = 0; i < n; ++i) r[i] = x[i].ToFloat();
+  return r;
+}
+
+// One call: read and check the inputs, allocate the output, run it on Device in float32.
+template <typename Device, typename T>
 struct Kernel {
+  static constexpr ONNXTensorElementDataType element_type =
+      std::is_same<T, float>::value ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   dga::Params p;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -146,13 +156,25 @@ struct Kernel {
       int64_t mask_shape[4] = {1, 1, 1, 1};
       dga::Problem pr = make_problem(ctx, p, mask_shape);
       auto out = ctx.GetOutput(0, {pr.B, pr.Hq, pr.Nq, pr.Dv});
-      Device::run(ctx, pr, mask_shape, ctx.GetInput(0).GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
-                  ctx.GetInput(2).GetTensorData<float>(), out.GetTensorMutableData<float>());
+      const T *q = ctx.GetInput(0).GetTensorData<T>(), *k = ctx.GetInput(1).GetTensorData<T>();
+      const T* v = ctx.GetInput(2).GetTensorData<T>();
+      T* o = out.GetTensorMutableData<T>();
+      if constexpr (std::is_same<T, float>::value) {
+        Device::run(ctx, pr, mask_shape, q, k, v, o);
+      } else {
+        const size_t nq = pr.B * pr.Hq * pr.Nq * pr.D, nk = pr.B * pr.Hkv * pr.Nk * pr.D;
+        const size_t nv = pr.B * pr.Hkv * pr.Nk * pr.Dv, no = pr.B * pr.Hq * pr.Nq * pr.Dv;
+        const std::vector<float> q32 = widen(q, nq), k32 = widen(k, nk), v32 = widen(v, nv);
+        std::vector<float> o32(no);
+        Device::run(ctx, pr, mask_shape, q32.data(), k32.data(), v32.data(), o32.data());
+        for (size_t i = 0; i < no; ++i) o[i] = Ort::Float16_t(o32[i]);
+      }
     });
   }
 };
 
-// One op class per execution provider: q, k, v float32, optional bool attn_mask; float32 output.
+// One op class per (execution provider, element type): q, k, v and the output of Kernel's type,
+// optional bool attn_mask.
 template <typename Kernel>
 struct DgaOp : Ort::CustomOpBase<DgaOp<Kernel>, Kernel, true> {
   explicit DgaOp(const char* provider) : provider_(provider) {}
@@ -164,13 +186,13 @@ struct DgaOp : Ort::CustomOpBase<DgaOp<Kernel>, Kernel, true> {
   const char* GetExecutionProviderType() const { return provider_; }
   size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : Kernel::element_type;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return Kernel::element_type; }
 
  private:
   const char* provider_;
@@ -207,15 +229,17 @@ DGA_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   if (DgaOrtCheckApi(base, message, sizeof message) != 0)
     return base->GetApi(1)->CreateStatus(ORT_FAIL, message);  // version 1 is always served
   Ort::InitApi(base->GetApi(ORT_API_VERSION));
-  static const DgaOp<Kernel<Cpu>> cpu_op("CPUExecutionProvider");
+  static const DgaOp<Kernel<Cpu, float>> cpu_op("CPUExecutionProvider");
+  static const DgaOp<Kernel<Cpu, Ort::Float16_t>> cpu_op_fp16("CPUExecutionProvider");
 #ifdef DGA_WITH_CUDA
-  static const DgaOp<Kernel<Cuda>> cuda_op("CUDAExecutionProvider");
+  static const DgaOp<Kernel<Cuda, float>> cuda_op("CUDAExecutionProvider");
 #endif
   static std::mutex lock;
   static std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // must outlive every session
   return guarded([&] {
     auto domain = std::make_unique<Ort::CustomOpDomain>(DOMAIN);
     domain->Add(&cpu_op);
+    domain->Add(&cpu_op_fp16);
 #ifdef DGA_WITH_CUDA
     domain->Add(&cuda_op);
 #endif
