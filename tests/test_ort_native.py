@@ -31,12 +31,20 @@ def library():
 
 
 def _model(with_mask: bool, attrs: dict, elem=TensorProto.FLOAT) -> bytes:
+    """One op node on float32 inputs; for another ``elem``, q/k/v are Cast to it and the output
+    back to float32 (feeds types numpy lacks, such as bfloat16)."""
     names = ["q", "k", "v"] + (["attn_mask"] if with_mask else [])
-    inputs = [helper.make_tensor_value_info(n, elem, None) for n in names[:3]]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"]
     if with_mask:
         inputs.append(helper.make_tensor_value_info("attn_mask", TensorProto.BOOL, None))
-    node = helper.make_node(OP_TYPE, names, ["out"], domain=DOMAIN, **attrs)
-    graph = helper.make_graph([node], "dga", inputs, [helper.make_tensor_value_info("out", elem, None)])
+    nodes, op_io = [], (names, "out")
+    if elem != TensorProto.FLOAT:
+        nodes = [helper.make_node("Cast", [n], [f"{n}_t"], to=elem) for n in "qkv"]
+        op_io = ([f"{n}_t" for n in "qkv"] + names[3:], "out_t")
+    nodes.append(helper.make_node(OP_TYPE, op_io[0], [op_io[1]], domain=DOMAIN, **attrs))
+    if elem != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["out_t"], ["out"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(nodes, "dga", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
@@ -173,19 +181,21 @@ def test_native_exact_cases_equal_sdpa(library, Nq, Nk, is_causal, changes):
     torch.testing.assert_close(out, _sdpa(q, k, v, mask, is_causal, 0.2), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("is_causal,mask_kind", [pytest.param(True, None, id="B2-H2-N203-D32-causal-fp16"),
-                                                 pytest.param(False, "pad", id="B2-H2-N203-D32-padmask-fp16")])
-def test_native_float16(library, is_causal, mask_kind):
-    """float16 tensors compute in float32 like the reference; only the output rounding differs."""
+@pytest.mark.parametrize("elem,dtype,tol", [pytest.param(TensorProto.FLOAT16, torch.float16, 2e-3, id="fp16"),
+                                            pytest.param(TensorProto.BFLOAT16, torch.bfloat16, 2e-2, id="bf16"),
+                                            pytest.param(TensorProto.DOUBLE, torch.float64, 1e-4, id="fp64")])
+@pytest.mark.parametrize("is_causal,mask_kind", [pytest.param(True, None, id="B2-H2-N203-D32-causal"),
+                                                 pytest.param(False, "pad", id="B2-H2-N203-D32-padmask")])
+def test_native_other_dtypes(library, is_causal, mask_kind, elem, dtype, tol):
+    """Other float types compute in float32 (the reference: float32 for 16-bit types, float64 for
+    float64, so fp64 agrees to float32 accuracy only); the output comes back in the input type."""
     cfg = DGAConfig(min_seq_len=0, group_size=8, window=16)
-    q, k, v = (t.half() for t in _inputs(2, 2, 2, 203, 203, 32, 32, seed=11))
+    q, k, v = (t.to(dtype) for t in _inputs(2, 2, 2, 203, 203, 32, 32, seed=11))
     mask = _mask(mask_kind, 2, 2, 203)
-    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=0.2, config=cfg)
-    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, 0.2), TensorProto.FLOAT16))
-    feeds = dict(q=q.numpy(), k=k.numpy(), v=v.numpy()) | ({} if mask is None else {"attn_mask": mask.numpy()})
-    out = torch.from_numpy(sess.run(None, feeds)[0])
-    assert out.dtype == torch.float16
-    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=0.2, config=cfg).float()
+    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, 0.2), elem))
+    feeds = {n: t.float().numpy() for n, t in zip("qkv", (q, k, v))} | ({} if mask is None else {"attn_mask": mask.numpy()})
+    torch.testing.assert_close(torch.from_numpy(sess.run(None, feeds)[0]), ref, atol=tol, rtol=tol)
 
 
 def test_native_threads_agree(library):

@@ -136,18 +136,29 @@ struct Cuda {
 };
 #endif
 
-// float16 tensors run in float32 (the working precision): widened on entry, narrowed on exit.
-std::vector<float> widen(const Ort::Float16_t* x, size_t n) {
+// The ONNX element type of T.
+template <typename T> constexpr ONNXTensorElementDataType element_type_of();
+template <> constexpr ONNXTensorElementDataType element_type_of<float>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+template <> constexpr ONNXTensorElementDataType element_type_of<Ort::Float16_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+template <> constexpr ONNXTensorElementDataType element_type_of<Ort::BFloat16_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16; }
+template <> constexpr ONNXTensorElementDataType element_type_of<double>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE; }
+
+float to_float(float x) { return x; }
+float to_float(double x) { return static_cast<float>(x); }
+template <typename H> float to_float(H x) { return x.ToFloat(); }
+
+// Other element types run in float32: widened on entry, narrowed on exit.
+template <typename T>
+std::vector<float> widen(const T* x, size_t n) {
   std::vector<float> r(n);
-  for (size_t i = 0; i < n; ++i) r[i] = x[i].ToFloat();
+  for (size_t i = 0; i < n; ++i) r[i] = to_float(x[i]);
   return r;
 }
 
 // One call: read and check the inputs, allocate the output, run it on Device in float32.
 template <typename Device, typename T>
 struct Kernel {
-  static constexpr ONNXTensorElementDataType element_type =
-      std::is_same<T, float>::value ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  static constexpr ONNXTensorElementDataType element_type = element_type_of<T>();
   dga::Params p;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -167,7 +178,7 @@ struct Kernel {
         const std::vector<float> q32 = widen(q, nq), k32 = widen(k, nk), v32 = widen(v, nv);
         std::vector<float> o32(no);
         Device::run(ctx, pr, mask_shape, q32.data(), k32.data(), v32.data(), o32.data());
-        for (size_t i = 0; i < no; ++i) o[i] = Ort::Float16_t(o32[i]);
+        for (size_t i = 0; i < no; ++i) o[i] = T(o32[i]);
       }
     });
   }
@@ -231,6 +242,8 @@ DGA_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   Ort::InitApi(base->GetApi(ORT_API_VERSION));
   static const DgaOp<Kernel<Cpu, float>> cpu_op("CPUExecutionProvider");
   static const DgaOp<Kernel<Cpu, Ort::Float16_t>> cpu_op_fp16("CPUExecutionProvider");
+  static const DgaOp<Kernel<Cpu, Ort::BFloat16_t>> cpu_op_bf16("CPUExecutionProvider");
+  static const DgaOp<Kernel<Cpu, double>> cpu_op_fp64("CPUExecutionProvider");
 #ifdef DGA_WITH_CUDA
   static const DgaOp<Kernel<Cuda, float>> cuda_op("CUDAExecutionProvider");
 #endif
@@ -240,6 +253,8 @@ DGA_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     auto domain = std::make_unique<Ort::CustomOpDomain>(DOMAIN);
     domain->Add(&cpu_op);
     domain->Add(&cpu_op_fp16);
+    domain->Add(&cpu_op_bf16);
+    domain->Add(&cpu_op_fp64);
 #ifdef DGA_WITH_CUDA
     domain->Add(&cuda_op);
 #endif
