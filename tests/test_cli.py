@@ -41,12 +41,18 @@ def _convert(models, tmp_path, name, *extra):
     return main(["convert", str(models / name), "-o", str(out), *extra]), out
 
 
-def test_convert_pt2_with_verify(models, tmp_path, capsys):
-    rc, out = _convert(models, tmp_path, "llama.pt2", "--verify")
+def test_convert_pt2_with_verify_overwrites_only_with_force(models, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    rc, _ = _convert(models, tmp_path, "llama.pt2")
+    assert rc == 1 and out.read_bytes() == b"keep me"
+    assert "--force" in capsys.readouterr().err
+    rc, _ = _convert(models, tmp_path, "llama.pt2", "--verify", "--force")
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert _dga_nodes(out) == 2
     assert "max abs error" in cap.out and "function" in cap.out
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"], "no temp file left behind"
 
 
 def test_convert_pickle_is_refused_without_flag(models, tmp_path, capsys):
@@ -67,17 +73,6 @@ def test_convert_huggingface_directory(models, tmp_path, capsys):
     rc, out = _convert(models, tmp_path, "hf-llama", "--seq-len", "20", "--verify", "--min-seq-len", "16")
     assert rc == 0, capsys.readouterr().err
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
-
-
-def test_existing_output_needs_force(models, tmp_path, capsys):
-    out = tmp_path / "out.onnx"
-    out.write_bytes(b"keep me")
-    rc, _ = _convert(models, tmp_path, "llama.pt2")
-    assert rc == 1 and out.read_bytes() == b"keep me"
-    assert "--force" in capsys.readouterr().err
-    rc, _ = _convert(models, tmp_path, "llama.pt2", "--force")
-    assert rc == 0 and _dga_nodes(out) == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"], "no temp file left behind"
 
 
 @pytest.mark.parametrize("name,extra", [pytest.param("llama.pt2", [], id="pt2"),
