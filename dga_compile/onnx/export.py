@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import onnx
 import onnx.checker
@@ -20,6 +20,9 @@ from .. import ops  # noqa: F401  (registers torch.ops.dga.*)
 from ..config import DGAConfig
 from ._function import function_proto
 from ._schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, node_attributes, register_schema
+
+if TYPE_CHECKING:
+    from ..passes import RewriteReport
 
 __all__ = ["export", "prepare", "trace", "dga_nodes", "OPSET"]
 
@@ -47,19 +50,12 @@ def trace(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tup
 
 
 def prepare(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, kwargs: Optional[dict] = None,
-            config: Optional[DGAConfig] = None, dynamic: bool = True) -> tuple[torch.export.ExportedProgram, Any]:
-    """`trace`, then rewrite attention sites into DGA with ``dga_compile.rewrite``.
+            config: Optional[DGAConfig] = None, dynamic: bool = True) -> tuple[torch.export.ExportedProgram, "RewriteReport"]:
+    """`trace`, then rewrite attention sites into DGA (`dga_compile.rewrite`; sites that already
+    call DGA keep their parameters). Returns (program, `RewriteReport`)."""
+    from ..passes import rewrite
 
-    Returns (program, `RewriteReport`); the report is None while the passes are not installed
-    (then only sites that already call DGA are exported).
-    """
-    from .. import passes
-
-    program = trace(model, args, kwargs, dynamic)
-    rewrite = getattr(passes, "rewrite", None)
-    if rewrite is None:
-        return program, None
-    return rewrite(program, config)
+    return rewrite(trace(model, args, kwargs, dynamic), config)
 
 
 def dga_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
