@@ -22,16 +22,16 @@ from _onnx_models import CONFIG, TinyBert, TinyLlama, bert_inputs, llama_inputs
 ATOL, RTOL = 3e-5, 1e-4
 
 
-def _op_model(cfg: DGAConfig, is_causal: bool, scale: float) -> onnx.ModelProto:
+def _op_model(cfg: DGAConfig, is_causal: bool, scale: float, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
     """One DynamicGroupAttention node with symbolic shapes (B, H, N, D all dynamic)."""
     node = helper.make_node(dga_onnx.OP_TYPE, ["q", "k", "v", "mask"], ["out"], domain=dga_onnx.DOMAIN,
                             **node_attributes(cfg, is_causal, scale))
     sym = lambda *d: list(d)
-    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, sym("B", "Hq", "Nq", "D")),
-              helper.make_tensor_value_info("k", TensorProto.FLOAT, sym("B", "Hkv", "Nk", "D")),
-              helper.make_tensor_value_info("v", TensorProto.FLOAT, sym("B", "Hkv", "Nk", "Dv")),
+    inputs = [helper.make_tensor_value_info("q", dtype, sym("B", "Hq", "Nq", "D")),
+              helper.make_tensor_value_info("k", dtype, sym("B", "Hkv", "Nk", "D")),
+              helper.make_tensor_value_info("v", dtype, sym("B", "Hkv", "Nk", "Dv")),
               helper.make_tensor_value_info("mask", TensorProto.BOOL, sym("Bm", "Hm", "Nm", "Nkm"))]
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, sym("B", "Hq", "Nq", "Dv"))
+    out = helper.make_tensor_value_info("out", dtype, sym("B", "Hq", "Nq", "Dv"))
     model = helper.make_model(helper.make_graph([node], "dga", inputs, [out]), functions=[function_proto(dga_onnx.OPSET)],
                               opset_imports=[helper.make_opsetid("", dga_onnx.OPSET),
                                              helper.make_opsetid(dga_onnx.DOMAIN, dga_onnx.DOMAIN_VERSION)])
@@ -93,6 +93,19 @@ def test_function_body_matches_reference_at_two_lengths(hq, hkv, causal, kind):
         mask = _mask(kind, 2, hq, n)
         ref = reference_attention(q, k, v, mask, causal, 0.3, cfg)
         torch.testing.assert_close(_run(sess, q, k, v, mask), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_float16_computes_in_float32():
+    """fp16 in, fp16 out; the body works in float32: error vs the fp64 golden within fp16 rounding."""
+    sess = _session(_op_model(CONFIG, True, 0.3, TensorProto.FLOAT16))
+    q, k, v = _qkv(2, 4, 2, 90, 90)
+    q, k, v = q.half(), k.half(), v.half()
+    out = _run(sess, q, k, v, None)
+    assert out.dtype == torch.float16
+    golden = reference_attention(q.double(), k.double(), v.double(), None, True, 0.3, CONFIG)
+    eager = reference_attention(q, k, v, None, True, 0.3, CONFIG)
+    err, eager_err = (out.double() - golden).abs().max(), (eager.double() - golden).abs().max()
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
 
 
 def test_dga_differs_from_dense_at_test_config():
