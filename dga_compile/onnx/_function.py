@@ -25,7 +25,7 @@ __all__ = ["function_proto", "BLOCK_SIZE"]
 
 #: Query rows per Loop iteration of the function body.
 BLOCK_SIZE = 128
-_I64, _F32, _BOOL = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL
+_I64, _F32, _BOOL, _U8 = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL, TensorProto.UINT8
 
 
 class _Builder:
@@ -74,6 +74,10 @@ class _Builder:
 
     def reduce(self, op: str, x: str, axes, keepdims=0) -> str:
         return self(op, x, self.const(list(axes)), keepdims=keepdims)
+
+    def any(self, x: str, axes, reduce: str = "ReduceMax") -> str:
+        """Bool ``x`` reduced over ``axes`` (OR; ``reduce="ReduceMin"`` gives AND), through uint8."""
+        return self("Cast", self.reduce(reduce, self("Cast", x, to=_U8), axes), to=_BOOL)
 
     def count(self, x: str, axes, keepdims=0) -> str:
         return self.reduce("ReduceSum", self("Cast", x, to=_I64), axes, keepdims)
@@ -141,8 +145,7 @@ def _dga_branch(counter, s: _Site) -> onnx.GraphProto:
     m, w = g.attr("group_size"), g.attr("window")
     # Window rule: causal, or the mask hides every j > i (our reading, `_validation.causal_like`).
     last_vis = g.reduce("ReduceMax", g("Where", s.mask, s.jk, g.const(-1)), [-1])          # [Bm, h1, h2, Nm]
-    hides_future = g("Not", g("Cast", g.reduce("ReduceMax", g("Cast", g(
-        "Greater", last_vis, g("Range", g.const(0), s.Nm, g.const(1))), to=_I64), [0, 1, 2, 3]), to=_BOOL))
+    hides_future = g("Not", g.any(g("Greater", last_vis, g("Range", g.const(0), s.Nm, g.const(1))), [0, 1, 2, 3]))
     windowed = g("Or", s.causal, g("And", g("Equal", s.Nm, N), hides_future))
 
     # 1. Importance scores from the last r query rows: [B, Hkv, N].
@@ -217,11 +220,11 @@ def _block_body(counter, s: _Site, c: dict) -> onnx.GraphProto:
     # Complete groups: every member visible and, under the window rule, anchor ≤ i − w.
     member_vis = vis_at(c["nonfocus"])                                                     # [B, Hkv, h2, b, Nn]
     grouped = g.reshape(g.slice(member_vis, 0, c["Gm"], 4), B, Hkv, s.h2, b, c["G"], c["m"])
-    complete = g("Cast", g.reduce("ReduceMin", g("Cast", grouped, to=_I64), [-1]), to=_BOOL)
+    complete = g.any(grouped, [-1], reduce="ReduceMin")
     i_minus_w = g("Unsqueeze", g("Sub", g("Range", i0, i1, g.const(1)), c["w"]), g.const([1]))
     old = g("LessOrEqual", g("Unsqueeze", c["anchors"], g.const([2, 3])), i_minus_w)
     complete = g("And", complete, g("Or", old, g("Not", c["windowed"])))                  # [B, Hkv, h2, b, G]
-    any_complete = g("Cast", g.reduce("ReduceMax", g("Cast", complete, to=_I64), [0, 1, 2, 3]), to=_I64)
+    any_complete = g("Cast", g.any(complete, [0, 1, 2, 3]), to=_I64)
     n_g = g.reduce("ReduceMax", g("Concat", g.const([0]), g("Mul", any_complete, g(
         "Range", g.const(1), g("Add", c["G"], g.const(1)), g.const(1))), axis=0), [0])
     # Raw tokens: visible non-focus members of groups not complete for the row (incl. the tail run).
@@ -229,7 +232,7 @@ def _block_body(counter, s: _Site, c: dict) -> onnx.GraphProto:
                             B, Hkv, s.h2, b, c["Gm"])
     tail = g("Expand", g.const(False, np.bool_), g.vec(B, Hkv, s.h2, b, g("Sub", c["nn"], c["Gm"])))
     need = g("And", member_vis, g("Not", g("Concat", in_complete, tail, axis=4)))
-    needed = g("Cast", g.reduce("ReduceMax", g("Cast", need, to=_I64), [2, 3]), to=_I64)  # [B, Hkv, Nn]
+    needed = g("Cast", g.any(need, [2, 3]), to=_I64)                                       # [B, Hkv, Nn]
     n_r = g.reduce("ReduceMax", g.reduce("ReduceSum", needed, [-1]), [0, 1])
     jn = g("Range", g.const(0), c["nn"], g.const(1))
     key = g("Add", g("Mul", needed, c["nn"]), g("Sub", g("Sub", c["nn"], g.const(1)), jn))  # needed first, by position
