@@ -68,8 +68,13 @@ def _mask(kind: str, b: int, hq: int, n: int):
         m = torch.ones(b, 1, 1, n, dtype=torch.bool)
         m[0, ..., : n // 4] = False
         return m
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
     if kind == "tril":  # causality spelled as a mask: the window rule applies (our reading)
-        return torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(b, 1, n, n).contiguous()
+        return tril[None, None].expand(b, 1, n, n).contiguous()
+    if kind == "tril-pad":  # HF's padded causal mask: keys ∧ causal (the positional path)
+        return tril[None, None] & _mask("pad", b, hq, n)
+    if kind == "band":  # sliding window of 20 keys: a general mask (the mask-reading path)
+        return (tril & ~torch.ones(n, n, dtype=torch.bool).tril(-20))[None, None].expand(b, 1, n, n).contiguous()
     g = torch.Generator().manual_seed(1)  # per-head random mask with the diagonal kept
     return (torch.rand(b, hq, n, n, generator=g) > 0.3) | torch.eye(n, dtype=torch.bool)
 
@@ -79,6 +84,8 @@ CASES = [  # (id, Hq, Hkv, is_causal, mask kind)
     ("Hq2-Hkv2-pad", 2, 2, False, "pad"),
     ("Hq4-Hkv2-causal-pad", 4, 2, True, "pad"),
     ("Hq2-Hkv1-tril-mask", 2, 1, False, "tril"),
+    ("Hq4-Hkv2-tril-pad-mask", 4, 2, False, "tril-pad"),
+    ("Hq2-Hkv2-band-mask", 2, 2, False, "band"),
     ("Hq3-Hkv3-per-head-mask", 3, 3, False, "random"),
 ]
 
