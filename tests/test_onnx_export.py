@@ -224,15 +224,20 @@ def test_native_op_matches_reference():
                                    atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("missing", ["module", "library"])
-def test_missing_native_library_falls_back_to_function(exported, monkeypatch, missing):
+def _incompatible(_options):
+    raise RuntimeError("built against a newer ONNX Runtime C API")
+
+
+@pytest.mark.parametrize("missing", ["module", "library", "api-mismatch"])
+def test_missing_native_library_falls_back_to_function(exported, monkeypatch, tmp_path, missing):
     if missing == "module":
         monkeypatch.setitem(sys.modules, "dga_compile.onnx.native", None)  # import fails
     else:
         fake = type(sys)("dga_compile.onnx.native")
-        fake.library_path = lambda: None
+        lib = tmp_path / "libdga_ort.so"
+        fake.library_path = lambda: lib if missing == "api-mismatch" else None
+        fake.register_library = _incompatible
         monkeypatch.setitem(sys.modules, "dga_compile.onnx.native", fake)
-    assert dga_onnx.native_library() is None
     model, path, inputs = exported["llama"]
     sess = dga_onnx.session(path)
     assert sess.dga_impl == "function"
