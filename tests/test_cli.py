@@ -9,7 +9,7 @@ import torch
 from dga_compile.cli import main
 from dga_compile.onnx import DOMAIN
 
-from _onnx_models import TinyBert, TinyLlama, bert_inputs, llama_inputs
+from _onnx_models import TinyBert, TinyLlama, llama_inputs
 
 
 @pytest.fixture(scope="module")
