@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import onnx
 import pytest
 import torch
@@ -85,6 +87,16 @@ def test_truncated_input_gives_one_line_error(models, tmp_path, capsys, name, ex
     err = capsys.readouterr().err
     assert rc == 1 and "corrupt or truncated" in err and "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_truncated_safetensors_gives_one_line_error(models, tmp_path, capsys):
+    bad = tmp_path / "hf"
+    shutil.copytree(models / "hf-llama", bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rc = main(["convert", str(bad), "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "corrupt or truncated" in err and "Traceback" not in err
 
 
 def test_debug_shows_traceback(models, tmp_path, capsys):

@@ -101,6 +101,22 @@ def test_function_body_matches_reference_at_two_lengths(hq, hkv, causal, kind):
         torch.testing.assert_close(_run(sess, q, k, v, mask), ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("change", [
+    pytest.param(dict(group_size=64), id="m64-no-complete-group"),
+    pytest.param(dict(focus_ratio=0.0), id="gamma0-no-focus"),
+    pytest.param(dict(num_probe=500, window=0), id="r-over-N-w0"),
+    pytest.param(dict(window=1000, group_bias=0.0), id="w-over-N-beta0"),
+    pytest.param(dict(group_size=1, focus_ratio=0.5), id="m1"),
+])
+@pytest.mark.parametrize("kind", ["none", "band"], ids=["positional", "mask-reading"])
+def test_edge_configs_match_reference(change, kind):
+    cfg = CONFIG.replace(**change)
+    q, k, v = _qkv(1, 2, 1, 53, 53)
+    mask = _mask(kind, 1, 2, 53)
+    out = _run(_session(_op_model(cfg, True, 0.3)), q, k, v, mask)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
+
+
 def test_float16_computes_in_float32():
     """fp16 in, fp16 out; the body works in float32: error vs the fp64 golden within fp16 rounding."""
     sess = _session(_op_model(CONFIG, True, 0.3, TensorProto.FLOAT16))
