@@ -86,9 +86,7 @@ def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tu
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                      custom_translation_table={torch.ops.dga.attention.default: _translate})
     proto = with_function(onnx_program.model_proto)
-    if check:
-        onnx.checker.check_model(proto, full_check=True)
-    return _save_atomic(proto, pathlib.Path(path))
+    return _save_atomic(proto, pathlib.Path(path), check)
 
 
 def with_function(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -126,14 +124,17 @@ def _translate(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, fo
     return dga(q, k, v, mask, **node_attributes(cfg, is_causal, scale))
 
 
-def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path) -> pathlib.Path:
-    """Writes ``proto`` to a temp file beside ``path`` and renames it into place."""
+def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path, check: bool) -> pathlib.Path:
+    """Writes ``proto`` to a temp file beside ``path``, checks the file (by path: models over
+    2 GiB keep their weights in ``path.name + ".data"``), and renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         external = proto.ByteSize() > _MAX_PROTO_BYTES
         onnx.save_model(proto, tmp, save_as_external_data=external, location=path.name + ".data")
+        if check:
+            onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
