@@ -1,0 +1,105 @@
+"""`triton_attention`: DGA with the fused Triton forward, or the blocked path with a one-time warning.
+
+Steps 1–4 run in torch (`blocked._select`, working precision), step 5 in
+`attention._fwd_kernel`. On CUDA the kernel is launched through the triton op
+``torch.ops.dga.fused_forward`` (`torch.library.triton_op` + `wrap_triton`), so Inductor sees
+the kernel when a compiled graph calls `triton_attention`; CPU tensors (the interpreter, in
+tests) call the launcher directly, because triton ops fail under torch.compile on CPU.
+Forward only: `dga_compile.ops` differentiates by recomputing through the blocked path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dga_compile._validation import dga_applies, mask_4d
+from dga_compile.blocked import _select, blocked_attention, dense_attention
+from dga_compile.config import DGAConfig
+from dga_compile.reference import working_dtype
+
+from ._runtime import interpreting
+from .attention import block_m_for, fused_forward
+from .streams import MaskPlan, Streams, plan_mask, prepare_streams
+
+__all__ = ["triton_attention", "MAX_HEAD_DIM"]
+
+#: Largest head dim the fused kernel takes (one padded tile of q rows in registers).
+MAX_HEAD_DIM = 256
+
+_warned: set[str] = set()
+
+
+def _unsupported(q: Tensor, v: Tensor, plan: MaskPlan, dropout_p: float) -> str:
+    """Why the fused kernel cannot compute this call ("" when it can)."""
+    if plan.reason:
+        return plan.reason
+    if dropout_p > 0:
+        return f"dropout_p={dropout_p} (the kernel has no dropout)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims D={q.shape[-1]}, Dv={v.shape[-1]} above {MAX_HEAD_DIM}"
+    if q.device.type != "cuda" and not interpreting():
+        return f"device {q.device} (needs CUDA, or TRITON_INTERPRET=1)"
+    return ""
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"dga_compile.kernels: NYI: {reason}; computing DGA with the blocked PyTorch path "
+                      f"instead (same result, slower). This warning is shown once per reason.", stacklevel=3)
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                     scale: Optional[float] = None, config: Optional[DGAConfig] = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """DGA forward with the fused kernel. Same contract as `reference_attention`: q [B, Hq, Nq, D],
+    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv] in q's dtype. Not differentiable.
+
+    Calls the kernel only fall back (one-time warning, `blocked_attention`) on: per-head or
+    general masks (other than causal × key padding), dropout, float64, head dims > 256.
+    """
+    cfg = config or DGAConfig()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, _, Nq, D = q.shape
+    Nk = k.shape[2]
+    if not dga_applies(Nq, Nk, cfg.min_seq_len):
+        return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
+    plan = plan_mask(attn_mask, is_causal, B, Nq, Nk)
+    reason = _unsupported(q, v, plan, dropout_p)
+    if reason:
+        _fallback(reason)
+        return blocked_attention(q, k, v, attn_mask, is_causal, scale, cfg, dropout_p)
+    wd = working_dtype(q.dtype)
+    with torch.no_grad():
+        sel = _select(q.to(wd), k.to(wd), v.to(wd), mask_4d(attn_mask), is_causal, scale, cfg)
+        block_m = block_m_for(D)
+        st = prepare_streams(sel, plan, Nq, cfg.group_size, cfg.window, block_m, q.dtype)
+        args = (plan.causal, scale, cfg.group_bias * math.log(cfg.group_size), cfg.group_size, cfg.window, block_m)
+        if q.device.type == "cuda" and _fused_forward_op is not None:
+            return _fused_forward_op(q, *st, *args)
+        return _launch(q, *st, *args)
+
+
+def _launch(q: Tensor, fpos: Tensor, kf: Tensor, vf: Tensor, gpos: Tensor, kg: Tensor, vg: Tensor, npos: Tensor,
+            kn: Tensor, vn: Tensor, bounds: Tensor, causal: bool, scale: float, group_logit: float,
+            group_size: int, window: int, block_m: int) -> Tensor:
+    """The fused kernel on flat arguments (the triton op's signature)."""
+    return fused_forward(q, Streams(fpos, kf, vf, gpos, kg, vg, npos, kn, vn, bounds), causal=causal, scale=scale,
+                         group_logit=group_logit, group_size=group_size, window=window, block_m=block_m)
+
+
+def _register_triton_op():
+    """``torch.ops.dga.fused_forward`` as a triton op (torch ≥ 2.6), or None where torch lacks it."""
+    if not hasattr(torch.library, "triton_op"):
+        return None
+    return torch.library.triton_op("dga::fused_forward", _launch, mutates_args=())
+
+
+_fused_forward_op = _register_triton_op()
