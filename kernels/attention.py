@@ -22,12 +22,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._runtime import interpreting, tl, triton
+from ._runtime import LOG2E, head_block, interpreting, tl, triton
 from .streams import BIG, Streams
 
 __all__ = ["fused_forward", "fits_shared_memory"]
-
-_LOG2E = 1.4426950408889634  # 1 / ln 2: the kernel works in base 2
 
 
 @triton.jit
@@ -152,9 +150,9 @@ def fused_forward(q: Tensor, st: Streams, *, causal: bool, scale: float, group_l
         out = torch.empty(B, Hq, Nq, DV, dtype=q.dtype, device=q.device)
     interp = interpreting()
     args = (q, *(_nonempty(t) for t in (st.kf, st.vf, st.fpos, st.kg, st.vg, st.gpos, st.kn, st.vn, st.npos)),
-            st.bounds, out, *q.stride(), scale * _LOG2E, group_logit * _LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window)
+            st.bounds, out, *q.stride(), scale * LOG2E, group_logit * LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window)
     meta = dict(CAUSAL=causal, M=group_size, D=D, DV=DV, BLOCK_M=block_m,
-                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+                BLOCK_D=head_block(D), BLOCK_DV=head_block(DV),
                 BIG_POS=BIG, DOT_FP32=interp or q.dtype == torch.float32,
                 IN_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (NB, B * Hq)

@@ -1,7 +1,7 @@
 """`triton_attention`: DGA with the fused Triton forward, or the blocked path with a one-time warning.
 
-Steps 1–4 run in torch (`blocked._select`, working precision), step 5 in
-`attention._fwd_kernel`. On CUDA the kernel is launched through the triton op
+Step 1 runs in `scoring.py`, step 2 (a sort) in torch, steps 3–4 in `aggregation.py`,
+step 5 in `attention.py`. On CUDA the kernel is launched through the triton op
 ``torch.ops.dga.fused_forward`` (`torch.library.triton_op` + `wrap_triton`), so Inductor sees
 the kernel when a compiled graph calls `triton_attention`; CPU tensors (the interpreter, in
 tests) call the launcher directly, because triton ops fail under torch.compile on CPU.
@@ -17,13 +17,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dga_compile._validation import dga_applies, mask_4d
-from dga_compile.blocked import _select, blocked_attention, dense_attention
+from dga_compile._validation import dga_applies
+from dga_compile.blocked import _gather_rows, _Selection, blocked_attention, dense_attention
 from dga_compile.config import DGAConfig
-from dga_compile.reference import working_dtype
+from dga_compile.reference import num_focus, split_focus
 
 from ._runtime import interpreting
+from .aggregation import aggregate_groups_triton
 from .attention import block_m_for, fused_forward
+from .scoring import importance_scores_triton
 from .streams import MaskPlan, Streams, plan_mask, prepare_streams
 
 __all__ = ["triton_attention", "MAX_HEAD_DIM"]
@@ -76,15 +78,25 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     if reason:
         _fallback(reason)
         return blocked_attention(q, k, v, attn_mask, is_causal, scale, cfg, dropout_p)
-    wd = working_dtype(q.dtype)
     with torch.no_grad():
-        sel = _select(q.to(wd), k.to(wd), v.to(wd), mask_4d(attn_mask), is_causal, scale, cfg)
+        sel = _select_triton(q, k, v, plan, scale, cfg)
         block_m = block_m_for(D)
         st = prepare_streams(sel, plan, Nq, cfg.group_size, cfg.window, block_m, q.dtype)
         args = (plan.causal, scale, cfg.group_bias * math.log(cfg.group_size), cfg.group_size, cfg.window, block_m)
         if q.device.type == "cuda" and _fused_forward_op is not None:
             return _fused_forward_op(q, *st, *args)
         return _launch(q, *st, *args)
+
+
+def _select_triton(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, cfg: DGAConfig) -> _Selection:
+    """Steps 1–4 with the selection kernels; the same `_Selection` the blocked path builds."""
+    m = cfg.group_size
+    scores = importance_scores_triton(q, k, plan.key_visible, plan.causal, scale, cfg.num_probe)
+    focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, k.shape[2]))
+    kbar, vbar = aggregate_groups_triton(q, k, v, nonfocus, scale, m)
+    anchors = nonfocus[..., m - 1:kbar.shape[2] * m:m]
+    return _Selection(focus, nonfocus, anchors, _gather_rows(k, focus), _gather_rows(v, focus),
+                      _gather_rows(k, nonfocus), _gather_rows(v, nonfocus), kbar, vbar)
 
 
 def _launch(q: Tensor, fpos: Tensor, kf: Tensor, vf: Tensor, gpos: Tensor, kg: Tensor, vg: Tensor, npos: Tensor,

@@ -110,6 +110,13 @@ def test_fused_kernel_matches_reference(B, Hq, Hkv, N, D, Dv, dtype, kind, layou
     assert (ref - dense).nan_to_num().abs().max() > 1e-2, "the case must be really approximate"
 
 
+@pytest.mark.parametrize("B, Hq, Hkv, N, D, Dv, dtype, kind, layout, m, w", [CASES[2], CASES[5], CASES[6]])
+def test_triton_attention_matches_reference(B, Hq, Hkv, N, D, Dv, dtype, kind, layout, m, w):
+    """The whole kernel pipeline (scoring, sort, aggregation, fused step 5) against the reference."""
+    q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, Dv, dtype, kind, layout, m, w)
+    _assert_close("out", _golden(q, k, v, mask, causal, cfg), triton_attention(q, k, v, mask, causal, None, cfg), dtype)
+
+
 @pytest.mark.parametrize("spec", [
     pytest.param(dict(focus_ratio=1.0), id="gamma1"),
     pytest.param(dict(group_size=1), id="m1"),
