@@ -226,5 +226,8 @@ def test_gpu_compile_sees_triton_op():
     q, k, v, mask, causal, cfg = _case_inputs(1, 4, 2, 2048, 64, 64, torch.bfloat16, "causal", "BHND", 16, 256,
                                               "cuda", 64)
     cfg = cfg.replace(min_seq_len=1024)
-    fn = torch.compile(lambda q, k, v: triton_attention(q, k, v, None, True, None, cfg), fullgraph=False)
-    _assert_close("compiled", triton_attention(q, k, v, None, True, None, cfg), fn(q, k, v), torch.bfloat16)
+    from torch._inductor.utils import run_and_get_code
+    fn = torch.compile(lambda q, k, v: triton_attention(q, k, v, None, True, None, cfg))
+    out, codes = run_and_get_code(fn, q, k, v)
+    assert any("_fwd_kernel" in code for code in codes), "Inductor's output code does not launch the fused kernel"
+    _assert_close("compiled", triton_attention(q, k, v, None, True, None, cfg), out, torch.bfloat16)
