@@ -39,28 +39,38 @@ def _dot(a, b, DOT_FP32: tl.constexpr, IN_PREC: tl.constexpr):
 
 
 @triton.jit
+def _tile(q, K, V, POS, start, hi, lim, bias, GPOS, lim_grp, NG, qk_scale, offs_d, offs_dv,
+          D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, RAW: tl.constexpr, BLOCK_N: tl.constexpr,
+          BIG_POS: tl.constexpr, DOT_FP32: tl.constexpr, IN_PREC: tl.constexpr):
+    """Keys K[start:start+BLOCK_N] (< hi; row-major, D wide) of one stream: (offs, valid, k, v, s).
+
+    s = qk_scale·q·k + bias (base-2 units), −inf where not allowed: allowed iff POS[j] ≤ lim[i],
+    and for the raw stream (RAW) also iff j's group (j // M < NG) is not complete for i:
+    GPOS[j // M] > lim_grp[i].
+    """
+    offs = start + tl.arange(0, BLOCK_N)
+    valid = offs < hi
+    pos = tl.load(POS + offs, mask=valid, other=BIG_POS)
+    k = tl.load(K + offs[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + offs[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    ok = pos[None, :] <= lim[:, None]
+    if RAW:
+        in_grp = valid & (offs < NG * M)
+        anchor = tl.load(GPOS + offs // M, mask=in_grp, other=BIG_POS)
+        ok = ok & (anchor[None, :] > lim_grp[:, None])
+    s = _dot(q, tl.trans(k), DOT_FP32, IN_PREC) * qk_scale + bias
+    return offs, valid, k, v, tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _stream(acc, m_i, l_i, q, K, V, POS, lo, hi, lim, bias, GPOS, lim_grp, NG,
             qk_scale, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
             RAW: tl.constexpr, BLOCK_N: tl.constexpr, BIG_POS: tl.constexpr,
             DOT_FP32: tl.constexpr, IN_PREC: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) with keys K[lo:hi] (row-major, D wide).
-
-    logit = qk_scale·q·k + bias (base-2 units); allowed iff POS[j] ≤ lim[i], and for the raw
-    stream (RAW) also iff j's group (j // M < NG) is not complete: GPOS[j // M] > lim_grp[i].
-    """
+    """Online-softmax update of (acc, m_i, l_i) with the keys [lo, hi) of one stream (`_tile`)."""
     for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        valid = offs < hi
-        pos = tl.load(POS + offs, mask=valid, other=BIG_POS)
-        k = tl.load(K + offs[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + offs[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        ok = pos[None, :] <= lim[:, None]
-        if RAW:
-            in_grp = valid & (offs < NG * M)
-            anchor = tl.load(GPOS + offs // M, mask=in_grp, other=BIG_POS)
-            ok = ok & (anchor[None, :] > lim_grp[:, None])
-        s = _dot(q, tl.trans(k), DOT_FP32, IN_PREC) * qk_scale + bias
-        s = tl.where(ok, s, float("-inf"))
+        offs, valid, k, v, s = _tile(q, K, V, POS, start, hi, lim, bias, GPOS, lim_grp, NG, qk_scale, offs_d,
+                                     offs_dv, D, DV, M, RAW, BLOCK_N, BIG_POS, DOT_FP32, IN_PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -72,12 +82,9 @@ def _stream(acc, m_i, l_i, q, K, V, POS, lo, hi, lim, bias, GPOS, lim_grp, NG,
 
 
 @triton.jit
-def _fwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, OUT,
-                sq_b, sq_h, sq_n, sq_d, qk_scale, group_logit, Hq, Hkv, Nq, NF, NG, NN, NB, window,
-                CAUSAL: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BIG_POS: tl.constexpr, DOT_FP32: tl.constexpr, IN_PREC: tl.constexpr):
-    """OUT[b, h, i] = Σ softmax(logits)·values over the three streams (module docstring)."""
+def _block(Q, BOUNDS, sq_b, sq_h, sq_n, sq_d, Hq, Hkv, Nq, NB, window, CAUSAL: tl.constexpr, D: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BIG_POS: tl.constexpr):
+    """This program's query block: (bh, bg, offs_m, row_ok, q tile, lim_tok, lim_grp, bounds row)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -85,7 +92,6 @@ def _fwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, OUT,
     bg = b * Hkv + h // (Hq // Hkv)
     offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Nq
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -95,7 +101,21 @@ def _fwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, OUT,
     else:
         lim_tok = tl.full([BLOCK_M], BIG_POS - 1, tl.int32)
         lim_grp = lim_tok
-    bnd = BOUNDS + (bg * NB + blk) * 4
+    return bh, bg, offs_m, row_ok, q, lim_tok, lim_grp, BOUNDS + (bg * NB + blk) * 4
+
+
+@triton.jit
+def _fwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, OUT, LSE,
+                sq_b, sq_h, sq_n, sq_d, qk_scale, group_logit, Hq, Hkv, Nq, NF, NG, NN, NB, window,
+                CAUSAL: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BIG_POS: tl.constexpr, DOT_FP32: tl.constexpr, IN_PREC: tl.constexpr):
+    """OUT[b, h, i] = Σ softmax(logits)·values over the three streams (module docstring);
+    LSE[b, h, i] = log2 Σ 2^logit (−inf for rows with no candidate), for the backward."""
+    bh, bg, offs_m, row_ok, q, lim_tok, lim_grp, bnd = _block(Q, BOUNDS, sq_b, sq_h, sq_n, sq_d, Hq, Hkv, Nq, NB,
+                                                             window, CAUSAL, D, BLOCK_M, BLOCK_D, BIG_POS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     f_end = tl.load(bnd)
     g_end = tl.load(bnd + 1)
     r_start = tl.load(bnd + 2)
@@ -116,6 +136,8 @@ def _fwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, OUT,
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(OUT + (bh * Nq + offs_m[:, None]) * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + bh * Nq + offs_m, lse, mask=row_ok)
 
 
 def fits_shared_memory(configs, named_args, **kwargs):
@@ -140,17 +162,20 @@ def block_m_for(head_dim: int) -> int:
 
 
 def fused_forward(q: Tensor, st: Streams, *, causal: bool, scale: float, group_logit: float, group_size: int,
-                  window: int, block_m: int, out: Optional[Tensor] = None) -> Tensor:
+                  window: int, block_m: int, out: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> Tensor:
     """q [B, Hq, Nq, D] (any strides) + prepared streams -> contiguous [B, Hq, Nq, Dv] in q's dtype,
-    written into ``out`` when given (tests pass it poisoned)."""
+    written into ``out`` when given (tests pass it poisoned); row log2-sum-exp into ``lse``
+    (float32 [B, Hq, Nq]) when given."""
     B, Hq, Nq, D = q.shape
     Hkv, NF, DV = st.kf.shape[1], st.kf.shape[2], st.vf.shape[-1]
     NG, NN, NB = st.gpos.shape[-1], st.npos.shape[-1], st.bounds.shape[2]
     if out is None:
         out = torch.empty(B, Hq, Nq, DV, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     interp = interpreting()
     args = (q, *(_nonempty(t) for t in (st.kf, st.vf, st.fpos, st.kg, st.vg, st.gpos, st.kn, st.vn, st.npos)),
-            st.bounds, out, *q.stride(), scale * LOG2E, group_logit * LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window)
+            st.bounds, out, lse, *q.stride(), scale * LOG2E, group_logit * LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window)
     meta = dict(CAUSAL=causal, M=group_size, D=D, DV=DV, BLOCK_M=block_m,
                 BLOCK_D=head_block(D), BLOCK_DV=head_block(DV),
                 BIG_POS=BIG, DOT_FP32=interp or q.dtype == torch.float32,

@@ -5,7 +5,8 @@ step 5 in `attention.py`. On CUDA the kernel is launched through the triton op
 ``torch.ops.dga.fused_forward`` (`torch.library.triton_op` + `wrap_triton`), so Inductor sees
 the kernel when a compiled graph calls `triton_attention`; CPU tensors (the interpreter, in
 tests) call the launcher directly, because triton ops fail under torch.compile on CPU.
-Forward only: `dga_compile.ops` differentiates by recomputing through the blocked path.
+Differentiable: with autograd on, the aggregation runs in torch (differentiable) and step 5
+is `_FusedAttention`, whose backward is `attention_bwd.fused_backward`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from torch import Tensor
 from dga_compile._validation import dga_applies
 from dga_compile.blocked import _gather_rows, _Selection, blocked_attention, dense_attention
 from dga_compile.config import DGAConfig
-from dga_compile.reference import num_focus, split_focus
+from dga_compile.reference import aggregate_groups, num_focus, split_focus, working_dtype
 
 from ._runtime import interpreting
 from .aggregation import aggregate_groups_triton
 from .attention import block_m_for, fused_forward
+from .attention_bwd import fused_backward
 from .scoring import importance_scores_triton
 from .streams import MaskPlan, Streams, plan_mask, prepare_streams
 
@@ -62,7 +64,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      scale: Optional[float] = None, config: Optional[DGAConfig] = None,
                      dropout_p: float = 0.0) -> Tensor:
     """DGA forward with the fused kernel. Same contract as `reference_attention`: q [B, Hq, Nq, D],
-    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv] in q's dtype. Not differentiable.
+    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv] in q's dtype. Differentiable
+    (Triton backward; the focus choice itself has no gradient, as in the reference).
 
     Calls the kernel only fall back (one-time warning, `blocked_attention`) on: per-head or
     general masks (other than causal × key padding), dropout, float64, head dims > 256.
@@ -78,22 +81,57 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     if reason:
         _fallback(reason)
         return blocked_attention(q, k, v, attn_mask, is_causal, scale, cfg, dropout_p)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    block_m = block_m_for(D)
+    args = (plan.causal, scale, cfg.group_bias * math.log(cfg.group_size), cfg.group_size, cfg.window, block_m)
+    if grad:
+        st = prepare_streams(_select_triton(q, k, v, plan, scale, cfg, differentiable=True), plan, Nq,
+                             cfg.group_size, cfg.window, block_m, q.dtype)
+        return _FusedAttention.apply(q, st.kf, st.vf, st.kg, st.vg, st.kn, st.vn, st.fpos, st.gpos, st.npos,
+                                     st.bounds, *args)
     with torch.no_grad():
-        sel = _select_triton(q, k, v, plan, scale, cfg)
-        block_m = block_m_for(D)
-        st = prepare_streams(sel, plan, Nq, cfg.group_size, cfg.window, block_m, q.dtype)
-        args = (plan.causal, scale, cfg.group_bias * math.log(cfg.group_size), cfg.group_size, cfg.window, block_m)
+        st = prepare_streams(_select_triton(q, k, v, plan, scale, cfg), plan, Nq, cfg.group_size, cfg.window,
+                             block_m, q.dtype)
         if q.device.type == "cuda" and _fused_forward_op is not None:
             return _fused_forward_op(q, *st, *args)
         return _launch(q, *st, *args)
 
 
-def _select_triton(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, cfg: DGAConfig) -> _Selection:
-    """Steps 1–4 with the selection kernels; the same `_Selection` the blocked path builds."""
+class _FusedAttention(torch.autograd.Function):
+    """Step 5 with gradients to q and to the stream arrays (which autograd carries on to k, v, q).
+    Tensors are passed flat (autograd tracks only direct tensor arguments)."""
+
+    @staticmethod
+    def forward(ctx, q, kf, vf, kg, vg, kn, vn, fpos, gpos, npos, bounds, causal, scale, group_logit, group_size,
+                window, block_m):
+        st = Streams(fpos, kf, vf, gpos, kg, vg, npos, kn, vn, bounds)
+        ctx.kw = dict(causal=causal, scale=scale, group_logit=group_logit, group_size=group_size, window=window,
+                      block_m=block_m)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        out = fused_forward(q, st, lse=lse, **ctx.kw)
+        ctx.save_for_backward(q, *st, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, *streams, out, lse = ctx.saved_tensors
+        dq, *dstreams = fused_backward(q, Streams(*streams), out, lse, grad_out, **ctx.kw)
+        return (dq, *dstreams) + (None,) * 10
+
+
+def _select_triton(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, cfg: DGAConfig,
+                   differentiable: bool = False) -> _Selection:
+    """Steps 1–4 with the selection kernels; the same `_Selection` the blocked path builds.
+    ``differentiable``: aggregate with the torch reference (autograd) instead of the kernel."""
     m = cfg.group_size
-    scores = importance_scores_triton(q, k, plan.key_visible, plan.causal, scale, cfg.num_probe)
-    focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, k.shape[2]))
-    kbar, vbar = aggregate_groups_triton(q, k, v, nonfocus, scale, m)
+    with torch.no_grad():
+        scores = importance_scores_triton(q, k, plan.key_visible, plan.causal, scale, cfg.num_probe)
+        focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, k.shape[2]))
+    if differentiable:
+        wd = working_dtype(q.dtype)
+        kbar, vbar = aggregate_groups(q.to(wd), k.to(wd), v.to(wd), nonfocus, scale, m)[:2]
+    else:
+        kbar, vbar = aggregate_groups_triton(q, k, v, nonfocus, scale, m)
     anchors = nonfocus[..., m - 1:kbar.shape[2] * m:m]
     return _Selection(focus, nonfocus, anchors, _gather_rows(k, focus), _gather_rows(v, focus),
                       _gather_rows(k, nonfocus), _gather_rows(v, nonfocus), kbar, vbar)
