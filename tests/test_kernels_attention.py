@@ -71,6 +71,18 @@ def _assert_close(name, ref, out, dtype):
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"{name}: max abs error {err:.3g} > {TOL[dtype]}"
 
 
+def _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype):
+    """dq, dk, dv of `triton_attention` vs autograd through `blocked_attention`, same cotangent."""
+    grad_out = torch.randn(*q.shape[:3], v.shape[-1], device=q.device, dtype=dtype)
+    grads = []
+    for fn in (triton_attention, blocked_attention):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        fn(*leaves, mask, causal, None, cfg).backward(grad_out)
+        grads.append([x.grad for x in leaves])
+    for name, got, want in zip(("dq", "dk", "dv"), *grads):
+        _assert_close(name, want, got, dtype)
+
+
 CASES = [  # B, Hq, Hkv, N, D, Dv, dtype, mask kind, layout, group_size, window
     pytest.param(1, 2, 1, 96, 16, 16, torch.float32, "causal", "BHND", 4, 8, id="B1-H2-Hkv1-N96-D16-causal-fp32"),
     pytest.param(2, 4, 2, 77, 24, 24, torch.float32, "none", "BHND", 4, 8, id="B2-H4-Hkv2-N77-D24-full-fp32"),
@@ -238,11 +250,22 @@ def test_triton_backward_matches_blocked_autograd(B, Hq, Hkv, N, D, Dv, dtype, k
     """dq, dk, dv of `triton_attention` (Triton backward kernel + autograd through gathers and
     aggregation) equal autograd through the blocked path."""
     q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, Dv, dtype, kind, layout, m, w)
-    grad_out = torch.randn(B, Hq, N, Dv, device=DEV, dtype=dtype)
-    grads = []
-    for fn in (triton_attention, blocked_attention):
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        fn(*leaves, mask, causal, None, cfg).backward(grad_out)
-        grads.append([x.grad for x in leaves])
-    for name, got, want in zip(("dq", "dk", "dv"), *grads):
-        _assert_close(name, want, got, dtype)
+    _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("B, Hq, Hkv, N, D, dtype, kind", [GPU_CASES[0], GPU_CASES[3]])
+def test_gpu_triton_backward_matches_blocked(B, Hq, Hkv, N, D, dtype, kind):
+    q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, D, dtype, kind, "BNHD", 16, 256, "cuda", 64)
+    cfg = cfg.replace(min_seq_len=1024)
+    _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype)
+
+
+def test_autotune_prune_predicate():
+    """`fits_shared_memory` drops configs whose K/V tiles overflow shared memory, never all of them."""
+    from dga_compile.kernels.attention import _CONFIGS, fits_shared_memory
+    kept = fits_shared_memory(_CONFIGS, {}, BLOCK_D=256, BLOCK_DV=256)
+    assert 0 < len(kept) < len(_CONFIGS) and all(c.kwargs["BLOCK_N"] < 128 for c in kept)
+    assert fits_shared_memory(_CONFIGS, {}, BLOCK_D=64, BLOCK_DV=64) == _CONFIGS
+    assert len(fits_shared_memory(_CONFIGS[-1:], {}, BLOCK_D=4096, BLOCK_DV=4096)) == 1
