@@ -1,6 +1,6 @@
 """GPU benchmark: DGA Triton kernels vs F.scaled_dot_product_attention (flash backend).
 
-Part 1, the op: causal prefill, bf16, B=1, H=32, Hkv=8, D=128, N = 4K … 128K. Per N: median
+Part 1, the op: causal prefill (and forward+backward), bf16, B=1, H=32, Hkv=8, D=128, N = 4K … 128K. Per N: median
 times (CUDA events, runs interleaved) of SDPA-flash and DGA, DGA's stage breakdown (scoring,
 focus sort, aggregation, stream bounds, fused attention: is the sort a bottleneck?), TFLOP/s, and the FLOP bound of the config (dense
 causal FLOPs / the FLOPs DGA's fused kernel performs: the largest speed-up equal TFLOP/s allow).
@@ -84,11 +84,22 @@ def bench_op(n: int, cfg: DGAConfig, reps: int) -> dict:
         "dga_fused": lambda: fused_forward(q, st, causal=True, scale=scale, group_logit=glogit,
                                            group_size=cfg.group_size, window=cfg.window, block_m=block_m),
     }
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    full_leaves = [x.detach().requires_grad_() for x in (q, k_full, v_full)]
+    grad_out = torch.randn_like(q)
+
+    def sdpa_train():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(*full_leaves, is_causal=True).backward(grad_out)
+
+    fns["sdpa_flash_fwd_bwd"] = sdpa_train
+    fns["dga_fwd_bwd"] = lambda: dispatch.triton_attention(*leaves, None, True, scale, cfg).backward(grad_out)
     ms = _median_ms(fns, reps)
     dense_flops = 4 * B * H * D * n * (n + 1) / 2
     dga_flops = _dga_flops(st.bounds, n, block_m, H // HKV, D)
     return dict(N=n, **{f"{k}_ms": round(t, 3) for k, t in ms.items()},
                 speedup=round(ms["sdpa_flash"] / ms["dga"], 3),
+                train_speedup=round(ms["sdpa_flash_fwd_bwd"] / ms["dga_fwd_bwd"], 3),
                 sdpa_tflops=round(dense_flops / ms["sdpa_flash"] / 1e9, 1),
                 dga_fused_tflops=round(dga_flops / ms["dga_fused"] / 1e9, 1),
                 flop_bound=round(dense_flops / dga_flops, 2))
