@@ -91,6 +91,7 @@ CASES = [  # B, Hq, Hkv, N, D, Dv, dtype, mask kind, layout, group_size, window
     pytest.param(2, 2, 1, 83, 16, 8, torch.float32, "keypad", "BHND", 4, 8, id="B2-H2-Hkv1-N83-D16-Dv8-keypad-fp32"),
     pytest.param(2, 2, 2, 80, 16, 16, torch.float16, "keypad-causal", "BHND", 3, 5, id="B2-H2-N80-D16-keypad-causal-fp16"),
     pytest.param(2, 2, 1, 75, 16, 16, torch.float32, "hf-4d", "BNHD", 4, 8, id="B2-H2-Hkv1-N75-D16-hf4d-fp32"),
+    pytest.param(1, 1, 1, 66, 64, 64, torch.float32, "causal", "BHND", 8, 16, id="B1-H1-N66-D64-causal-fp32"),
 ]
 
 
