@@ -5,7 +5,7 @@ One file per kernel, each paired with the torch reference it must match:
 ``streams.py`` (host-side stream bounds), ``dispatch.py`` (`triton_attention`, fallbacks).
 """
 
-from ._runtime import HAS_TRITON, interpreting
+from ._runtime import HAS_TRITON, interpreting, warn_fallback
 
 __all__ = ["available", "triton_attention"]
 
@@ -20,6 +20,11 @@ def available() -> bool:
 
 
 def triton_attention(*args, **kwargs):
-    """See `dga_compile.kernels.dispatch.triton_attention` (imported lazily: it defines kernels)."""
+    """See `dga_compile.kernels.dispatch.triton_attention` (imported lazily: it defines kernels).
+    Without Triton: the blocked path, with the one-time warning."""
+    if not HAS_TRITON:
+        from dga_compile.blocked import blocked_attention
+        warn_fallback("Triton is not installed")
+        return blocked_attention(*args, **kwargs)
     from .dispatch import triton_attention as fn
     return fn(*args, **kwargs)

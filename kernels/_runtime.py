@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 try:
     import triton
@@ -10,7 +11,7 @@ try:
 except ImportError:  # pragma: no cover - Triton is absent on macOS/Windows wheels
     triton = tl = None
 
-__all__ = ["HAS_TRITON", "LOG2E", "head_block", "interpreting", "triton", "tl"]
+__all__ = ["HAS_TRITON", "LOG2E", "head_block", "interpreting", "warn_fallback", "triton", "tl"]
 
 HAS_TRITON = triton is not None
 
@@ -32,3 +33,14 @@ def head_block(dim: int) -> int:
     """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum); the
     padding columns are masked on load."""
     return max(16, 1 << (dim - 1).bit_length())
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(reason: str) -> None:
+    """The one-time warning for a call the kernels cannot take (then the blocked path runs)."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"dga_compile.kernels: NYI: {reason}; computing DGA with the blocked PyTorch path "
+                      f"instead (same result, slower). This warning is shown once per reason.", stacklevel=4)

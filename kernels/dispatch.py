@@ -1,4 +1,4 @@
-"""`triton_attention`: DGA with the fused Triton forward, or the blocked path with a one-time warning.
+"""`triton_attention`: DGA with the Triton kernels, or the blocked path with a one-time warning.
 
 Step 1 runs in `scoring.py`, step 2 (a sort) in torch, steps 3–4 in `aggregation.py`,
 step 5 in `attention.py`. On CUDA the kernel is launched through the triton op
@@ -12,7 +12,6 @@ is `_FusedAttention`, whose backward is `attention_bwd.fused_backward`.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -23,7 +22,7 @@ from dga_compile.blocked import _gather_rows, _Selection, blocked_attention, den
 from dga_compile.config import DGAConfig
 from dga_compile.reference import aggregate_groups, num_focus, split_focus, working_dtype
 
-from ._runtime import interpreting
+from ._runtime import interpreting, warn_fallback
 from .aggregation import aggregate_groups_triton
 from .attention import block_m_for, fused_forward
 from .attention_bwd import fused_backward
@@ -34,9 +33,6 @@ __all__ = ["triton_attention", "MAX_HEAD_DIM"]
 
 #: Largest head dim the fused kernel takes (one padded tile of q rows in registers).
 MAX_HEAD_DIM = 256
-
-_warned: set[str] = set()
-
 
 def _unsupported(q: Tensor, v: Tensor, plan: MaskPlan, dropout_p: float) -> str:
     """Why the fused kernel cannot compute this call ("" when it can)."""
@@ -53,22 +49,16 @@ def _unsupported(q: Tensor, v: Tensor, plan: MaskPlan, dropout_p: float) -> str:
     return ""
 
 
-def _fallback(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"dga_compile.kernels: NYI: {reason}; computing DGA with the blocked PyTorch path "
-                      f"instead (same result, slower). This warning is shown once per reason.", stacklevel=3)
-
-
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                      scale: Optional[float] = None, config: Optional[DGAConfig] = None,
                      dropout_p: float = 0.0) -> Tensor:
-    """DGA forward with the fused kernel. Same contract as `reference_attention`: q [B, Hq, Nq, D],
+    """DGA with the Triton kernels. Same contract as `reference_attention`: q [B, Hq, Nq, D],
     k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv] in q's dtype. Differentiable
     (Triton backward; the focus choice itself has no gradient, as in the reference).
 
-    Calls the kernel only fall back (one-time warning, `blocked_attention`) on: per-head or
-    general masks (other than causal × key padding), dropout, float64, head dims > 256.
+    Falls back to `blocked_attention` (one-time warning) on: per-head or general masks (other
+    than causal × key padding), dropout, float64, head dims > 256, non-CUDA tensors outside
+    the interpreter. Outside DGA's domain (`dga_applies`) it is exact dense attention.
     """
     cfg = config or DGAConfig()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -79,7 +69,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     plan = plan_mask(attn_mask, is_causal, B, Nq, Nk)
     reason = _unsupported(q, v, plan, dropout_p)
     if reason:
-        _fallback(reason)
+        warn_fallback(reason)
         return blocked_attention(q, k, v, attn_mask, is_causal, scale, cfg, dropout_p)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     block_m = block_m_for(D)

@@ -17,7 +17,7 @@ from dga_compile._validation import mask_4d
 
 triton = pytest.importorskip("triton")
 from dga_compile.kernels import available, triton_attention  # noqa: E402
-from dga_compile.kernels import dispatch  # noqa: E402
+from dga_compile.kernels import _runtime, dispatch  # noqa: E402
 from dga_compile.kernels.attention import block_m_for, fused_forward  # noqa: E402
 from dga_compile.kernels.streams import plan_mask, prepare_streams  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_fallback_warns_once_and_matches_blocked():
     """A per-head mask is not a kernel case: one warning, then the blocked path's result."""
     q, k, v, _, _, cfg = _case_inputs(1, 2, 2, 70, 16, 16, torch.float32, "none", "BHND", 4, 4)
     mask = torch.rand(1, 2, 70, 70, device=DEV) > 0.3
-    dispatch._warned.clear()
+    _runtime._warned.clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         out = triton_attention(q, k, v, mask, False, None, cfg)
