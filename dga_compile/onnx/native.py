@@ -88,6 +88,7 @@ def _fetch_headers(dest: pathlib.Path) -> None:
             raise NativeBuildError(f"apt-get download produced no {_HEADERS_DEB} .deb in {root}")
         staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         _run(["dpkg", "-x", debs[0], str(staging)], "dpkg -x")
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
