@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TMPDIR ?= /tmp
 
-.PHONY: demo test test-all test-gpu bench setup clean ort-op
+.PHONY: demo test test-all test-gpu bench bench-gpu setup clean ort-op
 
 # CPU hosts get torch==2.13.0 (a CPU build); a host whose python already has CUDA torch keeps it.
 $(STAMP): pyproject.toml Makefile
@@ -39,6 +39,9 @@ test-gpu: $(STAMP) ort-op
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cpu.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,8 +8,10 @@ safetensors), or, with ``--trust-pickle`` only, a pickled ``nn.Module`` (``.pt``
 unpickling runs code from the file). Exit codes: 0 ok, 2 usage error, 1 failure (one line;
 ``--debug`` shows the traceback).
 
-Subcommands are registered in `SUBCOMMANDS` ("name" -> "module:attribute" of a `Subcommand`),
-imported only when used; other parts of the project add ``eval`` and ``bench`` there.
+Subcommands are registered in `SUBCOMMANDS`: name -> ``"module:function"``, where
+``function(subparsers)`` adds the subcommand's parser and sets ``handler=run`` (``run(args) -> int``,
+the exit status). Modules are imported only when the CLI starts; ``eval`` comes from
+`dga_compile.eval.cli`, ``bench`` can be added the same way.
 """
 
 from __future__ import annotations
@@ -21,21 +23,22 @@ import importlib
 import pathlib
 import logging
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["main", "Subcommand", "SUBCOMMANDS", "CLIError", "add_config_arguments", "config_from_args",
+__all__ = ["main", "SUBCOMMANDS", "CLIError", "add_config_arguments", "config_from_args",
            "load_model", "LoadedModel", "progress_step"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-#: Subcommand name -> "module:attribute" naming a `Subcommand` (imported lazily).
+#: Subcommand name -> "module:function"; ``function(subparsers)`` adds the parser, with ``handler``.
 SUBCOMMANDS: dict[str, str] = {
-    "convert": "dga_compile.cli:CONVERT",
-    "inspect": "dga_compile.cli:INSPECT",
-    "build-ort-op": "dga_compile.onnx.native:BUILD_ORT_OP",
+    "convert": "dga_compile.cli:add_convert_parser",
+    "inspect": "dga_compile.cli:add_inspect_parser",
+    "eval": "dga_compile.eval.cli:add_parser",
+    "build-ort-op": "dga_compile.onnx.native:add_parser",
 }
 
 
@@ -47,34 +50,22 @@ class CLIError(Exception):
         self.code = code
 
 
-@dataclasses.dataclass(frozen=True)
-class Subcommand:
-    """One ``dga-compile`` subcommand: ``run(args, console)`` returns the exit status."""
-
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Console], int]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dga-compile`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="dga-compile", description="Rewrite attention into Dynamic Group "
                                      "Attention and deploy it (ONNX / ONNX Runtime).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, target in SUBCOMMANDS.items():
-        module, attr = target.split(":")
-        cmd = getattr(importlib.import_module(module), attr)
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
-        p.set_defaults(_run=cmd.run)
+    for target in SUBCOMMANDS.values():
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(sub)
     args = parser.parse_args(argv)  # usage errors exit with status 2
-    console = Console(stderr=True)
+    console = _console()
     if not args.debug:  # the exporter's own chatter (torchvision absent, deprecations) is not ours to show
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return args._run(args, console)
+        return args.handler(args)
     except Exception as e:  # noqa: BLE001  (every failure becomes one line unless --debug)
         if args.debug:
             console.print_exception()
@@ -82,6 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         console.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
         return code
+
+
+def _console() -> Console:
+    """Progress, reports and errors go to stderr; results (tables) to stdout."""
+    return Console(stderr=True)
 
 
 # ------------------------------------------------------------------------- shared helpers
@@ -249,7 +245,10 @@ def _sample_inputs(specs: list[str]) -> tuple:
 
 # ------------------------------------------------------------------------- convert
 
-def _convert_arguments(p: argparse.ArgumentParser) -> None:
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``convert``."""
+    about = "Convert MODEL to ONNX with every DGA site as one ai.dga::DynamicGroupAttention node."
+    p = subparsers.add_parser("convert", help=about, description=about)
     _add_model_arguments(p)
     p.add_argument("-o", "--output", required=True, type=pathlib.Path, metavar="OUT.onnx", help="ONNX file to write")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -258,9 +257,12 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1e-3, help="--verify fails above this max abs error")
     p.add_argument("--static", action="store_true", help="export with static shapes (default: dynamic batch/sequence)")
     add_config_arguments(p)
+    p.set_defaults(handler=_convert)
+    return p
 
 
-def _convert(args: argparse.Namespace, console: Console) -> int:
+def _convert(args: argparse.Namespace) -> int:
+    console = _console()
     if args.output.exists() and not args.force:
         raise CLIError(f"{args.output} exists; pass --force to overwrite it")
     config = config_from_args(args)
@@ -271,8 +273,7 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
         loaded = load_model(args.model, args.trust_pickle, args.inputs, args.seq_len)
     with progress_step(console, "Tracing (torch.export) and rewriting attention into DGA"):
         program, report = prepare(loaded.model, loaded.args, loaded.kwargs, config, dynamic=not args.static)
-    if report is not None:
-        report.print(console)
+    report.print(console)
     with progress_step(console, "Exporting to ONNX (dynamo exporter + checker)"):
         dga_onnx.export(program, (), args.output, config)
     sites = _count_dga_nodes(args.output)
@@ -282,7 +283,7 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
                   f"DynamicGroupAttention node(s), domain {dga_onnx.DOMAIN} v{dga_onnx.DOMAIN_VERSION}, "
                   f"ONNX opset {dga_onnx.OPSET}", highlight=False)
     if args.verify:
-        return _verify(args, loaded, console)
+        return _verify(args, program, loaded, console)
     return EXIT_OK
 
 
@@ -295,7 +296,8 @@ def _count_dga_nodes(path: pathlib.Path) -> int:
     return sum(n.domain == DOMAIN and n.op_type == OP_TYPE for n in proto.graph.node)
 
 
-def _verify(args: argparse.Namespace, loaded: LoadedModel, console: Console) -> int:
+def _verify(args: argparse.Namespace, program, loaded: LoadedModel, console: Console) -> int:
+    """ONNX Runtime vs the rewritten program (the function the ONNX file must compute)."""
     import numpy as np
     import torch
     from torch.utils._pytree import tree_flatten
@@ -303,16 +305,16 @@ def _verify(args: argparse.Namespace, loaded: LoadedModel, console: Console) -> 
     from .onnx import session
 
     with progress_step(console, "Verifying: ONNX Runtime vs PyTorch on the sample inputs"):
-        module = loaded.model.module() if isinstance(loaded.model, torch.export.ExportedProgram) else loaded.model
         with torch.no_grad():
-            want = [t for t in tree_flatten(module(*loaded.args, **loaded.kwargs))[0] if isinstance(t, torch.Tensor)]
+            outputs = program.module()(*loaded.args, **loaded.kwargs)
+        want = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
         sess = session(args.output)
         feeds = [t for t in tree_flatten((loaded.args, loaded.kwargs))[0] if isinstance(t, torch.Tensor)]
         names = [i.name for i in sess.get_inputs()]
         got = sess.run(None, {n: t.numpy() for n, t in zip(names, feeds)})
     if len(got) != len(want):
         raise CLIError(f"ONNX model has {len(got)} outputs, PyTorch {len(want)}")
-    table = Table(title=f"ONNX Runtime ({sess.dga_impl} DGA) vs PyTorch")
+    table = Table(title=f"ONNX Runtime ({sess.dga_impl} DGA) vs PyTorch (rewritten program)")
     for col in ("output", "shape", "max abs error", "mean abs error"):
         table.add_column(col)
     worst = 0.0
@@ -329,18 +331,20 @@ def _verify(args: argparse.Namespace, loaded: LoadedModel, console: Console) -> 
     return EXIT_OK
 
 
-CONVERT = Subcommand("Convert MODEL to ONNX with every DGA site as one ai.dga::DynamicGroupAttention node.",
-                     _convert_arguments, _convert)
-
-
 # ------------------------------------------------------------------------- inspect
 
-def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``inspect``."""
+    about = "Report the attention sites of MODEL (rewrite decisions, shapes, masks, DGA parameters) without converting."
+    p = subparsers.add_parser("inspect", help=about, description=about)
     _add_model_arguments(p)
     add_config_arguments(p)
+    p.set_defaults(handler=_inspect)
+    return p
 
 
-def _inspect(args: argparse.Namespace, console: Console) -> int:
+def _inspect(args: argparse.Namespace) -> int:
+    console = _console()
     config = config_from_args(args)
     from .onnx.export import dga_nodes, prepare
 
@@ -348,8 +352,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         loaded = load_model(args.model, args.trust_pickle, args.inputs, args.seq_len)
     with progress_step(console, "Tracing (torch.export) and rewriting attention into DGA"):
         program, report = prepare(loaded.model, loaded.args, loaded.kwargs, config)
-    if report is not None:
-        report.print(Console())
+    report.print(Console())
     table = Table(title=f"DGA sites in {args.model}")
     for col in ("node", "q / k / v", "mask", "causal", "γ", "m", "r", "w", "β", "dense below"):
         table.add_column(col)
@@ -363,8 +366,4 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     Console().print(table)
     console.print(f"{len(sites)} DGA site(s)", highlight=False)
     return EXIT_OK
-
-
-INSPECT = Subcommand("Report the attention sites of MODEL (shapes, masks, DGA parameters) without converting.",
-                     _inspect_arguments, _inspect)
 

@@ -2,8 +2,9 @@
 
 The forward runs one implementation chosen by ``impl`` (reference / blocked / triton / auto).
 The backward is a second op, ``dga.attention_backward``, that recomputes the forward of the
-same implementation under autograd (the Triton path recomputes through the blocked path) and
-differentiates it; a dropout seed makes the recomputation see the same dropout mask.
+same implementation under autograd (for "triton": the fused kernel, whose autograd runs the
+Triton backward kernel) and differentiates it; a dropout seed makes the recomputation see the
+same dropout mask.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "blocked"
 
 
-def _forward(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg: DGAConfig, for_backward=False):
+def _forward(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg: DGAConfig):
     impl = resolve_impl(cfg.impl, q.device)
-    if impl == "triton" and for_backward:
-        impl = "blocked"  # NYI: Triton backward kernels; recompute through the blocked path
     if impl == "triton":
         from .kernels import triton_attention
         fn = triton_attention
@@ -90,7 +89,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
     cfg = _config(focus_ratio, group_size, num_probe, window, group_bias, min_seq_len, impl)
     with _autograd_inside_op():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = _forward(*leaves, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg, for_backward=True)
+        out = _forward(*leaves, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg)
         grads = torch.autograd.grad(out, leaves, grad_out, materialize_grads=True)
     return tuple(g.contiguous() for g in grads)
 

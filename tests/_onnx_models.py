@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dga_compile
@@ -77,9 +76,3 @@ def bert_inputs(batch: int, n: int, seed: int = 0) -> tuple:
     mask[0, : n // 5] = 0  # left padding in the first sequence
     return ids, mask
 
-
-def dense(model: nn.Module) -> nn.Module:
-    """The same model with exact attention (γ = 1)."""
-    for b in model.blocks:
-        b.config = b.config.replace(focus_ratio=1.0)
-    return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -22,16 +21,16 @@ from _onnx_models import CONFIG, TinyBert, TinyLlama, bert_inputs, llama_inputs
 ATOL, RTOL = 3e-5, 1e-4
 
 
-def _op_model(cfg: DGAConfig, is_causal: bool, scale: float) -> onnx.ModelProto:
+def _op_model(cfg: DGAConfig, is_causal: bool, scale: float, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
     """One DynamicGroupAttention node with symbolic shapes (B, H, N, D all dynamic)."""
     node = helper.make_node(dga_onnx.OP_TYPE, ["q", "k", "v", "mask"], ["out"], domain=dga_onnx.DOMAIN,
                             **node_attributes(cfg, is_causal, scale))
     sym = lambda *d: list(d)
-    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, sym("B", "Hq", "Nq", "D")),
-              helper.make_tensor_value_info("k", TensorProto.FLOAT, sym("B", "Hkv", "Nk", "D")),
-              helper.make_tensor_value_info("v", TensorProto.FLOAT, sym("B", "Hkv", "Nk", "Dv")),
+    inputs = [helper.make_tensor_value_info("q", dtype, sym("B", "Hq", "Nq", "D")),
+              helper.make_tensor_value_info("k", dtype, sym("B", "Hkv", "Nk", "D")),
+              helper.make_tensor_value_info("v", dtype, sym("B", "Hkv", "Nk", "Dv")),
               helper.make_tensor_value_info("mask", TensorProto.BOOL, sym("Bm", "Hm", "Nm", "Nkm"))]
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, sym("B", "Hq", "Nq", "Dv"))
+    out = helper.make_tensor_value_info("out", dtype, sym("B", "Hq", "Nq", "Dv"))
     model = helper.make_model(helper.make_graph([node], "dga", inputs, [out]), functions=[function_proto(dga_onnx.OPSET)],
                               opset_imports=[helper.make_opsetid("", dga_onnx.OPSET),
                                              helper.make_opsetid(dga_onnx.DOMAIN, dga_onnx.DOMAIN_VERSION)])
@@ -68,8 +67,13 @@ def _mask(kind: str, b: int, hq: int, n: int):
         m = torch.ones(b, 1, 1, n, dtype=torch.bool)
         m[0, ..., : n // 4] = False
         return m
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
     if kind == "tril":  # causality spelled as a mask: the window rule applies (our reading)
-        return torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(b, 1, n, n).contiguous()
+        return tril[None, None].expand(b, 1, n, n).contiguous()
+    if kind == "tril-pad":  # HF's padded causal mask: keys ∧ causal (the positional path)
+        return tril[None, None] & _mask("pad", b, hq, n)
+    if kind == "band":  # sliding window of 20 keys: a general mask (the mask-reading path)
+        return (tril & ~torch.ones(n, n, dtype=torch.bool).tril(-20))[None, None].expand(b, 1, n, n).contiguous()
     g = torch.Generator().manual_seed(1)  # per-head random mask with the diagonal kept
     return (torch.rand(b, hq, n, n, generator=g) > 0.3) | torch.eye(n, dtype=torch.bool)
 
@@ -79,6 +83,8 @@ CASES = [  # (id, Hq, Hkv, is_causal, mask kind)
     ("Hq2-Hkv2-pad", 2, 2, False, "pad"),
     ("Hq4-Hkv2-causal-pad", 4, 2, True, "pad"),
     ("Hq2-Hkv1-tril-mask", 2, 1, False, "tril"),
+    ("Hq4-Hkv2-tril-pad-mask", 4, 2, False, "tril-pad"),
+    ("Hq2-Hkv2-band-mask", 2, 2, False, "band"),
     ("Hq3-Hkv3-per-head-mask", 3, 3, False, "random"),
 ]
 
@@ -93,6 +99,35 @@ def test_function_body_matches_reference_at_two_lengths(hq, hkv, causal, kind):
         mask = _mask(kind, 2, hq, n)
         ref = reference_attention(q, k, v, mask, causal, 0.3, cfg)
         torch.testing.assert_close(_run(sess, q, k, v, mask), ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(dict(group_size=64), id="m64-no-complete-group"),
+    pytest.param(dict(focus_ratio=0.0), id="gamma0-no-focus"),
+    pytest.param(dict(num_probe=500, window=0), id="r-over-N-w0"),
+    pytest.param(dict(window=1000, group_bias=0.0), id="w-over-N-beta0"),
+    pytest.param(dict(group_size=1, focus_ratio=0.5), id="m1"),
+])
+@pytest.mark.parametrize("kind", ["none", "band"], ids=["positional", "mask-reading"])
+def test_edge_configs_match_reference(change, kind):
+    cfg = CONFIG.replace(**change)
+    q, k, v = _qkv(1, 2, 1, 53, 53)
+    mask = _mask(kind, 1, 2, 53)
+    out = _run(_session(_op_model(cfg, True, 0.3)), q, k, v, mask)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
+
+
+def test_float16_computes_in_float32():
+    """fp16 in, fp16 out; the body works in float32: error vs the fp64 golden within fp16 rounding."""
+    sess = _session(_op_model(CONFIG, True, 0.3, TensorProto.FLOAT16))
+    q, k, v = _qkv(2, 4, 2, 90, 90)
+    q, k, v = q.half(), k.half(), v.half()
+    out = _run(sess, q, k, v, None)
+    assert out.dtype == torch.float16
+    golden = reference_attention(q.double(), k.double(), v.double(), None, True, 0.3, CONFIG)
+    eager = reference_attention(q, k, v, None, True, 0.3, CONFIG)
+    err, eager_err = (out.double() - golden).abs().max(), (eager.double() - golden).abs().max()
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
 
 
 def test_dga_differs_from_dense_at_test_config():
@@ -189,24 +224,35 @@ def test_exported_model_native_op_matches_pytorch(exported, name):
 
 
 def test_native_op_matches_reference():
+    """With the library registered its kernel runs, not the function: the function here is a decoy."""
     if dga_onnx.native_library() is None:
         pytest.skip("native ai.dga library not built (dga_compile.onnx.native)")
-    sess = _session(_op_model(CONFIG, True, 0.3), native=True)
+    model = _op_model(CONFIG, True, 0.3)
+    decoy = helper.make_function(dga_onnx.DOMAIN, dga_onnx.OP_TYPE, ["q", "k", "v", "attn_mask"], ["out"],
+                                 [helper.make_node("Identity", ["q"], ["out"])], [helper.make_opsetid("", dga_onnx.OPSET)])
+    del model.functions[:]
+    model.functions.append(decoy)
+    sess = _session(model, native=True)
     for n in (37, 150):
         q, k, v = _qkv(2, 4, 2, n, n)
         torch.testing.assert_close(_run(sess, q, k, v, None), reference_attention(q, k, v, None, True, 0.3, CONFIG),
                                    atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("missing", ["module", "library"])
-def test_missing_native_library_falls_back_to_function(exported, monkeypatch, missing):
+def _incompatible(_options):
+    raise RuntimeError("built against a newer ONNX Runtime C API")
+
+
+@pytest.mark.parametrize("missing", ["module", "library", "api-mismatch"])
+def test_missing_native_library_falls_back_to_function(exported, monkeypatch, tmp_path, missing):
     if missing == "module":
         monkeypatch.setitem(sys.modules, "dga_compile.onnx.native", None)  # import fails
     else:
         fake = type(sys)("dga_compile.onnx.native")
-        fake.library_path = lambda: None
+        lib = tmp_path / "libdga_ort.so"
+        fake.library_path = lambda: lib if missing == "api-mismatch" else None
+        fake.register_library = _incompatible
         monkeypatch.setitem(sys.modules, "dga_compile.onnx.native", fake)
-    assert dga_onnx.native_library() is None
     model, path, inputs = exported["llama"]
     sess = dga_onnx.session(path)
     assert sess.dga_impl == "function"

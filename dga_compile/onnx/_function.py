@@ -15,6 +15,8 @@ first n_f − #{s > t} by position (CumSum rank). Every other sort uses distinct
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -25,7 +27,7 @@ __all__ = ["function_proto", "BLOCK_SIZE"]
 
 #: Query rows per Loop iteration of the function body.
 BLOCK_SIZE = 128
-_I64, _F32, _BOOL = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL
+_I64, _F32, _BOOL, _U8 = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL, TensorProto.UINT8
 
 
 class _Builder:
@@ -74,6 +76,10 @@ class _Builder:
 
     def reduce(self, op: str, x: str, axes, keepdims=0) -> str:
         return self(op, x, self.const(list(axes)), keepdims=keepdims)
+
+    def any(self, x: str, axes, reduce: str = "ReduceMax") -> str:
+        """Bool ``x`` reduced over ``axes`` (OR; ``reduce="ReduceMin"`` gives AND), through uint8."""
+        return self("Cast", self.reduce(reduce, self("Cast", x, to=_U8), axes), to=_BOOL)
 
     def count(self, x: str, axes, keepdims=0) -> str:
         return self.reduce("ReduceSum", self("Cast", x, to=_I64), axes, keepdims)
@@ -141,8 +147,7 @@ def _dga_branch(counter, s: _Site) -> onnx.GraphProto:
     m, w = g.attr("group_size"), g.attr("window")
     # Window rule: causal, or the mask hides every j > i (our reading, `_validation.causal_like`).
     last_vis = g.reduce("ReduceMax", g("Where", s.mask, s.jk, g.const(-1)), [-1])          # [Bm, h1, h2, Nm]
-    hides_future = g("Not", g("Cast", g.reduce("ReduceMax", g("Cast", g(
-        "Greater", last_vis, g("Range", g.const(0), s.Nm, g.const(1))), to=_I64), [0, 1, 2, 3]), to=_BOOL))
+    hides_future = g("Not", g.any(g("Greater", last_vis, g("Range", g.const(0), s.Nm, g.const(1))), [0, 1, 2, 3]))
     windowed = g("Or", s.causal, g("And", g("Equal", s.Nm, N), hides_future))
 
     # 1. Importance scores from the last r query rows: [B, Hkv, N].
@@ -182,74 +187,90 @@ def _dga_branch(counter, s: _Site) -> onnx.GraphProto:
     group_logit = g("Mul", g.attr("group_bias"), g("Log", g("Cast", m, to=_F32)))
     kf, vf = g.rows(s.k, focus, B, Hkv), g.rows(s.v, focus, B, Hkv)                         # [B, Hkv, n_f, ·]
 
-    # 5. Loop over query blocks; the carried tensor grows by one block per iteration.
-    bs = g.const(BLOCK_SIZE)
-    trips = g("Div", g("Add", N, g.const(BLOCK_SIZE - 1)), bs)
-    acc0 = g("ConstantOfShape", g.vec(B, Hkv, rep, 0, Dv), value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    body = _block_body(counter, s, dict(N=N, m=m, w=w, windowed=windowed, focus=focus, nonfocus=nonfocus, nn=nn,
-                                        G=G, Gm=Gm, anchors=anchors, kbar=kbar, vbar=vbar, kf=kf, vf=vf,
-                                        group_logit=group_logit, bs=bs))
-    acc = g("Loop", trips, "", acc0, body=body)
+    # 5. Loop over query blocks. Masks that are "key padding [∧ causal]" (and no mask) take the
+    # positional path: O(b·(n_f + G + raw)) per block; any other mask reads its rows (O(b·N)).
+    c = dict(N=N, m=m, w=w, windowed=windowed, focus=focus, nonfocus=nonfocus, nn=nn, G=G, Gm=Gm,
+             anchors=anchors, kbar=kbar, vbar=vbar, kf=kf, vf=vf, group_logit=group_logit)
+    mask_causal = g("If", g("And", g("Equal", s.Nm, N), g("Greater", N, g.const(1))),
+                    then_branch=_mask_is_keys_and_causal(counter, s), else_branch=_constant_graph(counter, False))
+    fast = g("And", g("Equal", s.h2, g.const(1)), g("Or", g("Equal", s.Nm, g.const(1)), mask_causal))
+    c["causal"] = g("Or", s.causal, mask_causal)
+    acc = g("If", fast, then_branch=_loop(counter, s, c, fast=True), else_branch=_loop(counter, s, c, fast=False))
     out = g.reshape(acc, B, s.Hq, N, Dv)
     return helper.make_graph(g.nodes, "dga_blocked", [], [helper.make_tensor_value_info(out, _F32, None)])
 
 
-def _block_body(counter, s: _Site, c: dict) -> onnx.GraphProto:
+def _constant_graph(counter, value: bool) -> onnx.GraphProto:
+    g = _Builder(counter, "const_")
+    out = g("Identity", g.const(value, np.bool_))
+    return helper.make_graph(g.nodes, "constant", [], [helper.make_tensor_value_info(out, _BOOL, [])])
+
+
+def _mask_is_keys_and_causal(counter, s: _Site) -> onnx.GraphProto:
+    """Whether the full-row mask equals (its last row) ∧ (j ≤ i): key padding plus causality. O(N²) once."""
+    g = _Builder(counter, "mc_")
+    n = s.Nk
+    keys = g.slice(s.mask, g("Sub", s.Nm, g.const(1)), s.Nm, 3)                            # [Bm, h1, h2, 1, N]
+    causal = g("LessOrEqual", s.jk, g("Unsqueeze", g("Range", g.const(0), n, g.const(1)), g.const([1])))
+    same = g.any(g("Equal", s.mask, g("And", keys, causal)), [0, 1, 2, 3, 4], reduce="ReduceMin")
+    return helper.make_graph(g.nodes, "mask_is_keys_and_causal", [], [helper.make_tensor_value_info(same, _BOOL, [])])
+
+
+def _loop(counter, s: _Site, c: dict, fast: bool) -> onnx.GraphProto:
+    """The Loop over query blocks; the carried [B, Hkv, rep, i, Dv] grows by one block per iteration."""
+    g = _Builder(counter, "fast_" if fast else "masked_")
+    B, Hkv, N = s.B, s.Hkv, c["N"]
+    c = dict(c, bs=g.const(BLOCK_SIZE))
+    if fast:  # per (b, kv head) key visibility, and per non-focus index: its group's anchor and completeness
+        keys = g.reshape(g("Expand", g.slice(s.mask, g("Sub", s.Nm, g.const(1)), s.Nm, 3), g.vec(B, Hkv, 1, 1, N)),
+                         B, Hkv, N)
+        kv_nonfocus = g("GatherElements", keys, c["nonfocus"], axis=2)                      # [B, Hkv, Nn]
+        group_vis = g.any(g.reshape(g.slice(kv_nonfocus, 0, c["Gm"], 2), B, Hkv, c["G"], c["m"]), [-1], "ReduceMin")
+        group = g("Min", g("Div", g("Range", g.const(0), c["nn"], g.const(1)), c["m"]), c["G"])  # tail -> G
+        pad = lambda x, v, dt: g("Concat", x, g("Expand", g.const([v], dt), g.vec(B, Hkv, 1)), axis=2)
+        c.update(kv_focus=g("GatherElements", keys, c["focus"], axis=2), kv_nonfocus=kv_nonfocus, group_vis=group_vis,
+                 anchor_nf=g("Gather", pad(c["anchors"], 2**62, np.int64), group, axis=2),
+                 group_vis_nf=g("Gather", pad(group_vis, False, np.bool_), group, axis=2))
+    trips = g("Div", g("Add", N, g.const(BLOCK_SIZE - 1)), c["bs"])
+    acc0 = g("ConstantOfShape", g.vec(B, Hkv, s.rep, 0, s.Dv), value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    acc = g("Loop", trips, "", acc0, body=_block_body(counter, s, c, fast))
+    return helper.make_graph(g.nodes, "dga_loop", [], [helper.make_tensor_value_info(acc, _F32, None)])
+
+
+class _Candidates(NamedTuple):
+    """Keys of one block: focus prefix (n_f), group prefix (n_g), raw non-focus indices (n_r), each
+    with a bool permission broadcastable to [B, Hkv, rep, b, n_*]."""
+
+    n_f: str
+    focus_ok: str
+    n_g: str
+    group_ok: str
+    raw_idx: str    # [B, Hkv, n_r] indices into the non-focus order
+    n_r: str
+    raw_ok: str
+
+
+def _block_body(counter, s: _Site, c: dict, fast: bool) -> onnx.GraphProto:
     """One query block [i0, i1): candidates, one softmax, output appended to the carried tensor."""
     g = _Builder(counter, "blk_")
-    it, cond_in, acc_in = "blk_iter", "blk_cond_in", "blk_acc_in"
-    B, Hkv, rep, D, Dv, N = s.B, s.Hkv, s.rep, s.D, s.Dv, c["N"]
+    it, cond_in, acc_in = (g._fresh(n) for n in ("iter", "cond_in", "acc_in"))
+    B, Hkv, rep, D, Dv = s.B, s.Hkv, s.rep, s.D, s.Dv
     i0 = g("Mul", it, c["bs"])
-    i1 = g("Min", g("Add", i0, c["bs"]), N)
+    i1 = g("Min", g("Add", i0, c["bs"]), c["N"])
     b = g("Sub", i1, i0)
-    vis_rows = s.visible(g, i0, i1)                                                        # [Bm, h1, h2, b|1, N]
-    vis = g("Expand", vis_rows, g.vec(B, Hkv, 1, b, N))                                    # [B, Hkv, h2, b, N]
+    cand = (_positional_candidates if fast else _masked_candidates)(g, s, c, i0, i1, b)
+    raw_pos = g("GatherElements", c["nonfocus"], cand.raw_idx, axis=-1)
 
-    def vis_at(pos):                                                                        # pos [B, Hkv, L]
-        ix = g("Expand", g("Unsqueeze", pos, g.const([2, 3])), g.vec(B, Hkv, s.h2, b, g.dim(pos, 2)))
-        return g("GatherElements", vis, ix, axis=4)
-
-    # Focus prefix: positions up to the last key any row of the block sees.
-    last = g.reduce("ReduceMax", g("Where", vis_rows, s.jk, g.const(-1)), [0, 1, 2, 3, 4])
-    n_f = g.reduce("ReduceMax", g.count(g("LessOrEqual", c["focus"], last), [-1]), [0, 1])
-    focus = g.slice(c["focus"], 0, n_f, 2)
-    focus_ok = vis_at(focus)
-    # Complete groups: every member visible and, under the window rule, anchor ≤ i − w.
-    member_vis = vis_at(c["nonfocus"])                                                     # [B, Hkv, h2, b, Nn]
-    grouped = g.reshape(g.slice(member_vis, 0, c["Gm"], 4), B, Hkv, s.h2, b, c["G"], c["m"])
-    complete = g("Cast", g.reduce("ReduceMin", g("Cast", grouped, to=_I64), [-1]), to=_BOOL)
-    i_minus_w = g("Unsqueeze", g("Sub", g("Range", i0, i1, g.const(1)), c["w"]), g.const([1]))
-    old = g("LessOrEqual", g("Unsqueeze", c["anchors"], g.const([2, 3])), i_minus_w)
-    complete = g("And", complete, g("Or", old, g("Not", c["windowed"])))                  # [B, Hkv, h2, b, G]
-    any_complete = g("Cast", g.reduce("ReduceMax", g("Cast", complete, to=_I64), [0, 1, 2, 3]), to=_I64)
-    n_g = g.reduce("ReduceMax", g("Concat", g.const([0]), g("Mul", any_complete, g(
-        "Range", g.const(1), g("Add", c["G"], g.const(1)), g.const(1))), axis=0), [0])
-    # Raw tokens: visible non-focus members of groups not complete for the row (incl. the tail run).
-    in_complete = g.reshape(g("Expand", g("Unsqueeze", complete, g.const([-1])), g.vec(B, Hkv, s.h2, b, c["G"], c["m"])),
-                            B, Hkv, s.h2, b, c["Gm"])
-    tail = g("Expand", g.const(False, np.bool_), g.vec(B, Hkv, s.h2, b, g("Sub", c["nn"], c["Gm"])))
-    need = g("And", member_vis, g("Not", g("Concat", in_complete, tail, axis=4)))
-    needed = g("Cast", g.reduce("ReduceMax", g("Cast", need, to=_I64), [2, 3]), to=_I64)  # [B, Hkv, Nn]
-    n_r = g.reduce("ReduceMax", g.reduce("ReduceSum", needed, [-1]), [0, 1])
-    jn = g("Range", g.const(0), c["nn"], g.const(1))
-    key = g("Add", g("Mul", needed, c["nn"]), g("Sub", g("Sub", c["nn"], g.const(1)), jn))  # needed first, by position
-    raw_idx = g("TopK", g("Cast", key, to=_F32), g.vec(n_r), axis=-1, outputs=2)[1]       # [B, Hkv, R]
-    valid = g("Cast", g("GatherElements", needed, raw_idx, axis=-1), to=_BOOL)
-    raw_ix5 = g("Expand", g("Unsqueeze", raw_idx, g.const([2, 3])), g.vec(B, Hkv, s.h2, b, n_r))
-    raw_ok = g("And", g("GatherElements", need, raw_ix5, axis=4), g("Unsqueeze", valid, g.const([2, 3])))
-    raw_pos = g("GatherElements", c["nonfocus"], raw_idx, axis=-1)
-
-    # Candidates: focus prefix | group prefix | raw; one masked softmax.
     per_q = lambda x, n, e: g("Expand", g("Unsqueeze", x, g.const([2])), g.vec(B, Hkv, rep, n, e))
-    keys = g("Concat", per_q(g.slice(c["kf"], 0, n_f, 2), n_f, D), g.slice(c["kbar"], 0, n_g, 3),
-             per_q(g.rows(s.k, raw_pos, B, Hkv), n_r, D), axis=3)
-    vals = g("Concat", per_q(g.slice(c["vf"], 0, n_f, 2), n_f, Dv), g.slice(c["vbar"], 0, n_g, 3),
-             per_q(g.rows(s.v, raw_pos, B, Hkv), n_r, Dv), axis=3)
+    keys = g("Concat", per_q(g.slice(c["kf"], 0, cand.n_f, 2), cand.n_f, D), g.slice(c["kbar"], 0, cand.n_g, 3),
+             per_q(g.rows(s.k, raw_pos, B, Hkv), cand.n_r, D), axis=3)
+    vals = g("Concat", per_q(g.slice(c["vf"], 0, cand.n_f, 2), cand.n_f, Dv), g.slice(c["vbar"], 0, cand.n_g, 3),
+             per_q(g.rows(s.v, raw_pos, B, Hkv), cand.n_r, Dv), axis=3)
     full = lambda x, n: g("Expand", x, g.vec(B, Hkv, rep, b, n))
-    ok = g("Concat", full(focus_ok, n_f), full(g.slice(complete, 0, n_g, 4), n_g), full(raw_ok, n_r), axis=4)
+    ok = g("Concat", full(cand.focus_ok, cand.n_f), full(cand.group_ok, cand.n_g), full(cand.raw_ok, cand.n_r), axis=4)
     zero = g.const(0.0, np.float32)
-    bias = g("Concat", g("Expand", zero, g.vec(n_f)), g("Expand", c["group_logit"], g.vec(n_g)),
-             g("Expand", zero, g.vec(n_r)), axis=0)
+    bias = g("Concat", g("Expand", zero, g.vec(cand.n_f)), g("Expand", c["group_logit"], g.vec(cand.n_g)),
+             g("Expand", zero, g.vec(cand.n_r)), axis=0)
     qb = g.slice(s.qv, i0, i1, 3)
     probs = g.softmax0(ok, g("Add", s.logits(g, qb, keys), bias))
     acc_out = g("Concat", acc_in, g("MatMul", probs, vals), axis=3)
@@ -259,6 +280,84 @@ def _block_body(counter, s: _Site, c: dict) -> onnx.GraphProto:
         [helper.make_tensor_value_info(it, _I64, []), helper.make_tensor_value_info(cond_in, _BOOL, []),
          helper.make_tensor_value_info(acc_in, _F32, None)],
         [helper.make_tensor_value_info(cond_out, _BOOL, []), helper.make_tensor_value_info(acc_out, _F32, None)])
+
+
+def _prefix_len(g: _Builder, ok: str, n: str) -> str:
+    """1 + the last index (of ``n``, last axis) that any row allows; 0 if none."""
+    any_ok = g("Cast", g.any(ok, [0, 1, 2, 3]), to=_I64)
+    return g.reduce("ReduceMax", g("Concat", g.const([0]), g("Mul", any_ok, g(
+        "Range", g.const(1), g("Add", n, g.const(1)), g.const(1))), axis=0), [0])
+
+
+def _raw_selection(g: _Builder, c: dict, needed: str) -> tuple[str, str, str]:
+    """needed [B, Hkv, Nn] (0/1 int64) -> (indices of the needed entries first, by position [B, Hkv, R], R, valid)."""
+    n_r = g.reduce("ReduceMax", g.reduce("ReduceSum", needed, [-1]), [0, 1])
+    jn = g("Range", g.const(0), c["nn"], g.const(1))
+    key = g("Add", g("Mul", needed, c["nn"]), g("Sub", g("Sub", c["nn"], g.const(1)), jn))
+    raw_idx = g("TopK", g("Cast", key, to=_F32), g.vec(n_r), axis=-1, outputs=2)[1]
+    valid = g("Cast", g("GatherElements", needed, raw_idx, axis=-1), to=_BOOL)
+    return raw_idx, n_r, valid
+
+
+def _positional_candidates(g: _Builder, s: _Site, c: dict, i0: str, i1: str, b: str) -> _Candidates:
+    """Visible(i, j) = key(j) ∧ (j ≤ i if causal): everything follows from positions."""
+    causal, windowed = c["causal"], c["windowed"]
+    not_causal, not_windowed = g("Not", causal), g("Not", windowed)
+    i = g("Unsqueeze", g("Range", i0, i1, g.const(1)), g.const([1]))                       # [b, 1]
+    at = lambda x: g("Unsqueeze", x, g.const([2, 3]))                                      # [B, Hkv, L] -> [B, Hkv, 1, 1, L]
+
+    def complete(anchor, group_vis, row):  # a group is complete for ``row``
+        return g("And", group_vis, g("And", g("Or", not_windowed, g("LessOrEqual", anchor, g("Sub", row, c["w"]))),
+                                     g("Or", not_causal, g("LessOrEqual", anchor, row))))
+
+    last = g("Where", causal, g("Sub", i1, g.const(1)), g("Sub", c["N"], g.const(1)))
+    n_f = g.reduce("ReduceMax", g.count(g("LessOrEqual", c["focus"], last), [-1]), [0, 1])
+    focus = g.slice(c["focus"], 0, n_f, 2)
+    focus_ok = g("And", at(g.slice(c["kv_focus"], 0, n_f, 2)), g("Or", not_causal, g("LessOrEqual", at(focus), i)))
+    group_ok = complete(at(c["anchors"]), at(c["group_vis"]), i)                          # [B, Hkv, 1, b, G]
+    n_g = _prefix_len(g, group_ok, c["G"])
+    # Needed raw tokens ⊆ visible to the last row ∧ group not complete for the first row (both monotone in i).
+    seen = g("And", c["kv_nonfocus"], g("Or", not_causal, g("LessOrEqual", c["nonfocus"], g("Sub", i1, g.const(1)))))
+    needed = g("Cast", g("And", seen, g("Not", complete(c["anchor_nf"], c["group_vis_nf"], i0))), to=_I64)
+    raw_idx, n_r, valid = _raw_selection(g, c, needed)
+    take = lambda x: at(g("GatherElements", x, raw_idx, axis=-1))
+    pos, anchor = take(c["nonfocus"]), take(c["anchor_nf"])
+    visible = g("And", g("And", take(c["kv_nonfocus"]), at(valid)), g("Or", not_causal, g("LessOrEqual", pos, i)))
+    raw_ok = g("And", visible, g("Not", complete(anchor, take(c["group_vis_nf"]), i)))
+    return _Candidates(n_f, focus_ok, n_g, g.slice(group_ok, 0, n_g, 4), raw_idx, n_r, raw_ok)
+
+
+def _masked_candidates(g: _Builder, s: _Site, c: dict, i0: str, i1: str, b: str) -> _Candidates:
+    """General mask: completeness is read off the mask rows of this block (O(b·N) booleans)."""
+    B, Hkv = s.B, s.Hkv
+    vis_rows = s.visible(g, i0, i1)                                                        # [Bm, h1, h2, b|1, N]
+    vis = g("Expand", vis_rows, g.vec(B, Hkv, 1, b, c["N"]))                               # [B, Hkv, h2, b, N]
+
+    def vis_at(pos):                                                                        # pos [B, Hkv, L]
+        ix = g("Expand", g("Unsqueeze", pos, g.const([2, 3])), g.vec(B, Hkv, s.h2, b, g.dim(pos, 2)))
+        return g("GatherElements", vis, ix, axis=4)
+
+    # Focus prefix: positions up to the last key any row of the block sees.
+    last = g.reduce("ReduceMax", g("Where", vis_rows, s.jk, g.const(-1)), [0, 1, 2, 3, 4])
+    n_f = g.reduce("ReduceMax", g.count(g("LessOrEqual", c["focus"], last), [-1]), [0, 1])
+    focus_ok = vis_at(g.slice(c["focus"], 0, n_f, 2))
+    # Complete groups: every member visible and, under the window rule, anchor ≤ i − w.
+    member_vis = vis_at(c["nonfocus"])                                                     # [B, Hkv, h2, b, Nn]
+    grouped = g.reshape(g.slice(member_vis, 0, c["Gm"], 4), B, Hkv, s.h2, b, c["G"], c["m"])
+    complete = g.any(grouped, [-1], reduce="ReduceMin")
+    i_minus_w = g("Unsqueeze", g("Sub", g("Range", i0, i1, g.const(1)), c["w"]), g.const([1]))
+    old = g("LessOrEqual", g("Unsqueeze", c["anchors"], g.const([2, 3])), i_minus_w)
+    complete = g("And", complete, g("Or", old, g("Not", c["windowed"])))                  # [B, Hkv, h2, b, G]
+    n_g = _prefix_len(g, complete, c["G"])
+    # Raw tokens: visible non-focus members of groups not complete for the row (incl. the tail run).
+    in_complete = g.reshape(g("Expand", g("Unsqueeze", complete, g.const([-1])), g.vec(B, Hkv, s.h2, b, c["G"], c["m"])),
+                            B, Hkv, s.h2, b, c["Gm"])
+    tail = g("Expand", g.const(False, np.bool_), g.vec(B, Hkv, s.h2, b, g("Sub", c["nn"], c["Gm"])))
+    need = g("And", member_vis, g("Not", g("Concat", in_complete, tail, axis=4)))
+    raw_idx, n_r, valid = _raw_selection(g, c, g("Cast", g.any(need, [2, 3]), to=_I64))
+    raw_ix5 = g("Expand", g("Unsqueeze", raw_idx, g.const([2, 3])), g.vec(B, Hkv, s.h2, b, n_r))
+    raw_ok = g("And", g("GatherElements", need, raw_ix5, axis=4), g("Unsqueeze", valid, g.const([2, 3])))
+    return _Candidates(n_f, focus_ok, n_g, g.slice(complete, 0, n_g, 4), raw_idx, n_r, raw_ok)
 
 
 def function_proto(opset: int) -> onnx.FunctionProto:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import onnx
 import onnx.checker
@@ -20,6 +20,9 @@ from .. import ops  # noqa: F401  (registers torch.ops.dga.*)
 from ..config import DGAConfig
 from ._function import function_proto
 from ._schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, node_attributes, register_schema
+
+if TYPE_CHECKING:
+    from ..passes import RewriteReport
 
 __all__ = ["export", "prepare", "trace", "dga_nodes", "OPSET"]
 
@@ -47,19 +50,12 @@ def trace(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tup
 
 
 def prepare(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, kwargs: Optional[dict] = None,
-            config: Optional[DGAConfig] = None, dynamic: bool = True) -> tuple[torch.export.ExportedProgram, Any]:
-    """`trace`, then rewrite attention sites into DGA with ``dga_compile.rewrite``.
+            config: Optional[DGAConfig] = None, dynamic: bool = True) -> tuple[torch.export.ExportedProgram, "RewriteReport"]:
+    """`trace`, then rewrite attention sites into DGA (`dga_compile.rewrite`; sites that already
+    call DGA keep their parameters). Returns (program, `RewriteReport`)."""
+    from ..passes import rewrite
 
-    Returns (program, `RewriteReport`); the report is None while the passes are not installed
-    (then only sites that already call DGA are exported).
-    """
-    from .. import passes
-
-    program = trace(model, args, kwargs, dynamic)
-    rewrite = getattr(passes, "rewrite", None)
-    if rewrite is None:
-        return program, None
-    return rewrite(program, config)
+    return rewrite(trace(model, args, kwargs, dynamic), config)
 
 
 def dga_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
@@ -90,9 +86,7 @@ def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tu
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                      custom_translation_table={torch.ops.dga.attention.default: _translate})
     proto = with_function(onnx_program.model_proto)
-    if check:
-        onnx.checker.check_model(proto, full_check=True)
-    return _save_atomic(proto, pathlib.Path(path))
+    return _save_atomic(proto, pathlib.Path(path), check)
 
 
 def with_function(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -130,14 +124,17 @@ def _translate(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, fo
     return dga(q, k, v, mask, **node_attributes(cfg, is_causal, scale))
 
 
-def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path) -> pathlib.Path:
-    """Writes ``proto`` to a temp file beside ``path`` and renames it into place."""
+def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path, check: bool) -> pathlib.Path:
+    """Writes ``proto`` to a temp file beside ``path``, checks the file (by path: models over
+    2 GiB keep their weights in ``path.name + ".data"``), and renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         external = proto.ByteSize() > _MAX_PROTO_BYTES
         onnx.save_model(proto, tmp, save_as_external_data=external, location=path.name + ".data")
+        if check:
+            onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -22,10 +22,10 @@ import sys
 import tempfile
 from typing import Optional
 
-from ..cli import CLIError, Subcommand
+from ..cli import CLIError
 
 __all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library",
-           "NativeBuildError", "BUILD_ORT_OP"]
+           "NativeBuildError", "add_parser"]
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 _SOURCES = _REPO / "csrc" / "ort"
@@ -177,18 +177,22 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
 
 
-def _run_build(args: argparse.Namespace, console) -> int:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``dga-compile build-ort-op`` (registered in `dga_compile.cli.SUBCOMMANDS`)."""
+    about = "Build the ONNX Runtime custom-op library (ai.dga::DynamicGroupAttention)."
+    p = subparsers.add_parser("build-ort-op", help=about, description=about)
+    _add_build_arguments(p)
+    p.set_defaults(handler=_run_build)
+    return p
+
+
+def _run_build(args: argparse.Namespace) -> int:
     try:
         path = build_library(args.include_dir, args.force)
     except NativeBuildError as err:
         raise CLIError(f"ONNX Runtime custom-op library not built: {err}") from err
-    console.print(f"built {path}" + (" (CPU + CUDA kernels)" if _nvcc() else " (CPU kernel)"), highlight=False)
+    print(f"built {path}" + (" (CPU + CUDA kernels)" if _nvcc() else " (CPU kernel)"))
     return 0
-
-
-#: ``dga-compile build-ort-op`` (registered in `dga_compile.cli.SUBCOMMANDS`).
-BUILD_ORT_OP = Subcommand(help="build the ONNX Runtime custom-op library (ai.dga::DynamicGroupAttention)",
-                          add_arguments=_add_build_arguments, run=_run_build)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
