@@ -49,7 +49,7 @@ def test_convert_pt2_with_verify_overwrites_only_with_force(models, tmp_path, ca
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert _dga_nodes(out) == 1
-    assert "max abs error" in cap.out and "function" in cap.out
+    assert "max abs error" in cap.out and ("function" in cap.out or "native" in cap.out)  # native when built
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"], "no temp file left behind"
 
 
