@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .config import DGAConfig
 from ._validation import causal_like, dga_applies, mask_4d, visible_rows
-from .reference import aggregate_groups, importance_scores, num_focus, split_focus, working_dtype
+from ._blocked_fast import fast_attention, fast_path_applies
+from .reference import Groups, aggregate_groups, importance_scores, num_focus, split_focus, working_dtype
 
 __all__ = ["blocked_attention", "dense_attention", "BLOCK_SIZE"]
 
@@ -45,13 +46,18 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def _select(q, k, v, mask, is_causal, scale, cfg) -> _Selection:
+def _steps_1_to_4(q, k, v, mask, is_causal, scale, cfg) -> tuple[Tensor, Tensor, Groups]:
+    """Focus positions [B, Hkv, n_f], non-focus positions [B, Hkv, Nn] and the groups."""
     nq, nk = q.shape[2], k.shape[2]
     r = min(cfg.num_probe, nq)
     with torch.no_grad():
         scores = importance_scores(q, k, visible_rows(mask, is_causal, nq - r, nq, nk, q.device), scale, cfg.num_probe)
         focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, nk))
-    grp = aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
+    return focus, nonfocus, aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
+
+
+def _select(q, k, v, mask, is_causal, scale, cfg) -> _Selection:
+    focus, nonfocus, grp = _steps_1_to_4(q, k, v, mask, is_causal, scale, cfg)
     return _Selection(focus, nonfocus, grp.anchors, _gather_rows(k, focus), _gather_rows(v, focus),
                       _gather_rows(k, nonfocus), _gather_rows(v, nonfocus), grp.keys, grp.values)
 
@@ -178,10 +184,14 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     if not dga_applies(Nq, Nk, cfg.min_seq_len):
         return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
+    group_logit = cfg.group_bias * math.log(cfg.group_size)
+    if fast_path_applies(q, k, v, attn_mask, dropout_p):
+        focus, nonfocus, grp = _steps_1_to_4(q, k, v, None, is_causal, scale, cfg)
+        return fast_attention(q, k, v, focus, nonfocus, grp, is_causal, scale, cfg.window, cfg.group_size,
+                              group_logit, block_size).to(out_dtype)
     mask = mask_4d(attn_mask)
     window = is_causal or causal_like(mask, False)
     sel = _select(q, k, v, mask, is_causal, scale, cfg)
-    group_logit = cfg.group_bias * math.log(cfg.group_size)
     qv = q.view(B, Hkv, Hq // Hkv, Nq, D)
     outs = []
     for i0 in range(0, Nq, block_size):
