@@ -81,7 +81,7 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
     lo = torch.minimum(starts.gather(-1, n_done), i + 1)                                         # [B, Hq, N]
     is_focus = torch.zeros(B, Hq, N, dtype=torch.bool, device=q.device).scatter_(-1, focus, True)
     neg_inf = q.new_tensor(float("-inf"))
-    out = q.new_empty(B, Hq, N, v.shape[-1])
+    out = q.new_full((B, Hq, N, v.shape[-1]), float("nan"))   # poisoned: every block must write its rows
     for i0 in range(0, N, block_size):
         i1 = min(i0 + block_size, N)
         lo0, g0 = lo[..., i0:i0 + 1], n_done[..., i0:i0 + 1]                                   # [B, Hq, 1]
