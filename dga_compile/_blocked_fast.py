@@ -86,10 +86,8 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
         i1 = min(i0 + block_size, N)
         lo0, g0 = lo[..., i0:i0 + 1], n_done[..., i0:i0 + 1]                                   # [B, Hq, 1]
         qb, rows = q[:, :, i0:i1], i[i0:i1, None]
-        # Near: positions [near, i1) that every head opens to every query i ≥ j of the block.
+        # Near: positions [near, i1), open to every query i ≥ j of the block in every head (lo grows with i).
         near = int(lo[..., i1 - 1].max())
-        if near > i0:           # window shorter than the block: the whole band takes the mask
-            near = i1
         parts = [] if near == i1 else [_attend(qb, k[:, :, near:i1], v[:, :, near:i1],
                                                _causal_bias(rows, torch.arange(near, i1, device=q.device), neg_inf), scale)]
         # Far: positions [lo_min, near) and the groups completing inside the block, masked per head.
