@@ -18,6 +18,8 @@ log-sum-exp; the two are merged exactly. Nothing here is differentiable.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -32,10 +34,13 @@ def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: flo
     return attn_mask is None and dropout_p == 0 and q.device.type == "cpu" and not needs_grad
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """One fused call: q [B, H, b, D], k/v [B, H, L, D], bias additive broadcastable to
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+            is_causal: bool = False) -> tuple[Tensor, Tensor]:
+    """One fused call: q [B, H, b, D], k/v [B, H, L, D], bias None or additive broadcastable to
     [B, H, b, L] -> (out [B, H, b, Dv], lse [B, H, b]); rows whose bias is all −inf get lse −inf."""
-    out, lse = _flash(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+    if bias is None:
+        return out, lse
     return out, lse.masked_fill((bias.amax(-1) == float("-inf")).expand_as(lse), float("-inf"))
 
 
@@ -86,10 +91,17 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
         i1 = min(i0 + block_size, N)
         lo0, g0 = lo[..., i0:i0 + 1], n_done[..., i0:i0 + 1]                                   # [B, Hq, 1]
         qb, rows = q[:, :, i0:i1], i[i0:i1, None]
-        # Near: positions [near, i1), open to every query i ≥ j of the block in every head (lo grows with i).
+        # Near: positions [near, i1), open to every query i ≥ j of the block in every head (lo grows
+        # with i). Without a mask when near ≤ i0: [near, i0) is open to all, [i0, i1) is causal.
         near = int(lo[..., i1 - 1].max())
-        parts = [] if near == i1 else [_attend(qb, k[:, :, near:i1], v[:, :, near:i1],
-                                               _causal_bias(rows, torch.arange(near, i1, device=q.device), neg_inf), scale)]
+        if near <= i0:
+            parts = [_attend(qb, k[:, :, i0:i1], v[:, :, i0:i1], None, scale, is_causal=True)]
+            if near < i0:
+                parts.append(_attend(qb, k[:, :, near:i0], v[:, :, near:i0], None, scale))
+        else:
+            cols = torch.arange(near, i1, device=q.device)
+            parts = [] if near == i1 else [_attend(qb, k[:, :, near:i1], v[:, :, near:i1],
+                                                   _causal_bias(rows, cols, neg_inf), scale)]
         # Far: positions [lo_min, near) and the groups completing inside the block, masked per head.
         # Raw column j is open to query i iff j ≤ i and t_j ≥ lo(i), where t_j = j, or ∞ for a
         # focus token that is not in this head's prefix (focus tokens in the prefix are < lo(i)).
