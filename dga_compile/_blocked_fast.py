@@ -142,8 +142,9 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
             g = torch.arange(g_lo, g_hi, device=q.device)
             grp_ok = (g >= g0[..., None]) & (g < n_done[..., i0:i1, None])
             torch.where(grp_ok, q.new_tensor(group_logit), neg_inf, out=far_bias[..., n_raw:])
-            parts.append(_attend(qb, torch.cat([k[:, :, lo_min:near], grp.keys[:, :, g_lo:g_hi]], 2),
-                                 torch.cat([v[:, :, lo_min:near], grp.values[:, :, g_lo:g_hi]], 2), far_bias, scale, threads))
+            keys = torch.cat([k[:, :, lo_min:near], grp.keys[:, :, g_lo:g_hi]], 2)
+            values = torch.cat([v[:, :, lo_min:near], grp.values[:, :, g_lo:g_hi]], 2)
+            parts.append(_attend(qb, keys, values, far_bias, scale, threads))
         # Prefix: slice [n_f − nf_max, n_f + ng_max) of the buffer; head h uses nf0[h] focus, g0[h] groups.
         nf0 = torch.searchsorted(focus, lo0.contiguous())                                         # focus < lo(i0)
         nf_max, ng_max = int(nf0.max()), int(g0.max())
