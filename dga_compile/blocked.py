@@ -5,6 +5,10 @@ queries [i0, i1): the candidate keys are the visible focus prefix, the complete-
 and the slice of raw non-focus tokens, concatenated and passed with an additive mask (0, −inf,
 and β·log m on group columns) to one fused `scaled_dot_product_attention` call. No Nq×Nk
 matrix is ever built: memory is O(N·(n_f + G + block)).
+
+Without ``attn_mask``, dropout or autograd on the CPU, step 5 takes the faster route of
+`_blocked_fast` (flash-attention calls over slices with small or no masks, merged by
+log-sum-exp); the loop here is the differentiable path and the one for masks.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from torch import Tensor
 
 from .config import DGAConfig
 from ._validation import causal_like, dga_applies, mask_4d, visible_rows
-from .reference import aggregate_groups, importance_scores, num_focus, split_focus, working_dtype
+from ._blocked_fast import fast_attention, fast_path_applies, one_thread
+from .reference import Groups, aggregate_groups, importance_scores, num_focus, split_focus, working_dtype
 
 __all__ = ["blocked_attention", "dense_attention", "BLOCK_SIZE"]
 
@@ -45,13 +50,18 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def _select(q, k, v, mask, is_causal, scale, cfg) -> _Selection:
+def _steps_1_to_4(q, k, v, mask, is_causal, scale, cfg) -> tuple[Tensor, Tensor, Groups]:
+    """Focus positions [B, Hkv, n_f], non-focus positions [B, Hkv, Nn] and the groups."""
     nq, nk = q.shape[2], k.shape[2]
     r = min(cfg.num_probe, nq)
     with torch.no_grad():
         scores = importance_scores(q, k, visible_rows(mask, is_causal, nq - r, nq, nk, q.device), scale, cfg.num_probe)
         focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, nk))
-    grp = aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
+    return focus, nonfocus, aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
+
+
+def _select(q, k, v, mask, is_causal, scale, cfg) -> _Selection:
+    focus, nonfocus, grp = _steps_1_to_4(q, k, v, mask, is_causal, scale, cfg)
     return _Selection(focus, nonfocus, grp.anchors, _gather_rows(k, focus), _gather_rows(v, focus),
                       _gather_rows(k, nonfocus), _gather_rows(v, nonfocus), grp.keys, grp.values)
 
@@ -169,7 +179,10 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
                       is_causal: bool = False, scale: Optional[float] = None,
                       config: Optional[DGAConfig] = None, dropout_p: float = 0.0,
                       block_size: int = BLOCK_SIZE) -> Tensor:
-    """DGA, blocked. Same contract as `reference_attention`; differentiable (autograd)."""
+    """DGA, blocked. Same contract as `reference_attention`; differentiable (autograd).
+
+    Inputs needing no grad, with no mask and no dropout, on the CPU, take `_blocked_fast`.
+    """
     cfg = config or DGAConfig()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out_dtype, wd = q.dtype, working_dtype(q.dtype)
@@ -178,10 +191,16 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     if not dga_applies(Nq, Nk, cfg.min_seq_len):
         return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
+    group_logit = cfg.group_bias * math.log(cfg.group_size)
+    if fast_path_applies(q, k, v, attn_mask, dropout_p):
+        with one_thread() as threads:
+            focus, nonfocus, grp = _steps_1_to_4(q, k, v, None, is_causal, scale, cfg)
+            out = fast_attention(q, k, v, focus, nonfocus, grp, is_causal, scale, cfg.window, cfg.group_size,
+                                 group_logit, block_size, threads)
+        return out.to(out_dtype)
     mask = mask_4d(attn_mask)
     window = is_causal or causal_like(mask, False)
     sel = _select(q, k, v, mask, is_causal, scale, cfg)
-    group_logit = cfg.group_bias * math.log(cfg.group_size)
     qv = q.view(B, Hkv, Hq // Hkv, Nq, D)
     outs = []
     for i0 in range(0, Nq, block_size):
