@@ -32,9 +32,10 @@ _PARALLEL_SCORES = 1 << 21
 
 
 def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: float) -> bool:
-    """No mask, no dropout, CPU, and no autograd graph to record."""
+    """No mask, no dropout, CPU, Dv == D (CPU flash needs it), and no autograd graph to record."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return attn_mask is None and dropout_p == 0 and q.device.type == "cpu" and not needs_grad
+    return (attn_mask is None and dropout_p == 0 and q.device.type == "cpu" and not needs_grad
+            and v.shape[-1] == q.shape[-1])
 
 
 @contextlib.contextmanager
