@@ -67,6 +67,10 @@ def rewrite_graph_module(gm: fx.GraphModule, cfg: DGAConfig, constants: Optional
             t = _get_attr(gm, node.target)
             if isinstance(t, torch.Tensor):
                 consts[node.name] = t
+    for node in gm.graph.nodes:
+        t = consts.get(node.name)
+        if t is not None and t.numel() == 1 and (t.dtype.is_floating_point or t.dtype == torch.bool):
+            node.meta[g.CONSTANT_KEY] = float(t)
     report = RewriteReport()
     for node in list(gm.graph.nodes):
         for rule in RULES:
@@ -291,9 +295,9 @@ def _call(graph: fx.Graph, target, args: tuple, like: fx.Node, kwargs: Optional[
         if key in like.meta:
             node.meta[key] = like.meta[key]
     fake_args = tree_map_only(fx.Node, g.val, (args, kwargs or {}))
-    modes = [x.fake_mode for x in tree_flatten(fake_args)[0] if isinstance(x, FakeTensor)]
-    if modes:
-        with modes[0]:
+    modes = {x.fake_mode for x in tree_flatten(fake_args)[0] if isinstance(x, FakeTensor)}
+    if len(modes) == 1:  # make_fx graphs may mix modes: the node then goes without "val"
+        with modes.pop():
             value = target(*fake_args[0], **fake_args[1])
         node.meta["val" if "val" in like.meta or "example_value" not in like.meta else "example_value"] = value
     return node

@@ -193,7 +193,7 @@ class MatmulSoftmaxRule:
         """Walks softmax -> casts / dropout / layout -> matmul(p, v); returns that matmul."""
         x = softmax
         for _ in range(8):
-            users = [u for u in x.users if not _zeros_like(u)]  # zeros_like(p) reads only p's shape
+            users = [u for u in x.users if not (_zeros_like(u) or g.is_op(u, g.META_ONLY))]
             if len(users) != 1:
                 m.reason = m.reason or "attention weights have other users (e.g. output_attentions)"
                 return None
@@ -232,7 +232,8 @@ class MatmulSoftmaxRule:
         for _ in range(12):
             if not isinstance(x, fx.Node):
                 return None
-            if len(x.users) != 1 and not all(g.is_op(u, g.SOFTMAX) or _is_inf_test(u) for u in x.users):
+            users = [u for u in x.users if not g.is_op(u, g.META_ONLY)]
+            if len(users) != 1 and not all(g.is_op(u, g.SOFTMAX) or _is_inf_test(u) for u in users):
                 m.reason = m.reason or "attention scores have other users"
             if g.is_op(x, g.MATMUL):
                 m.scale = scale
@@ -312,6 +313,7 @@ def _zero_rows(where: fx.Node, p: fx.Node) -> bool:
 
 
 def _zeros_like(node: fx.Node) -> bool:
+    """zeros_like(p) reads only p's shape."""
     return g.is_op(node, g.FILL_CONST) and g.is_zero(g.constant(node))
 
 
