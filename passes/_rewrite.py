@@ -106,7 +106,7 @@ def _program_constants(ep) -> dict:
 
 def _apply(graph: fx.Graph, m: Match, cfg: DGAConfig, consts: dict) -> Site:
     mask_kind = _combined_mask_kind(m.masks, consts)
-    reason = m.reason or _check(m, mask_kind)
+    reason = m.reason or _check(m, mask_kind) or _policy(m, cfg)
     if reason is None:
         _strip_repeat_kv(m)
         if m.scale is None:
@@ -145,6 +145,49 @@ def _check(m: Match, mask_kind: str) -> Optional[str]:
         return f"Hq={hq} is not a multiple of Hkv={hkv}"
     if m.scale is None and g.static_int(d) is None:
         return f"the head dim {d} is dynamic, so the default scale 1/sqrt(D) is not a constant"
+    return None
+
+
+# policy: a mask that bounds each query's keys (sliding window) leaves DGA little to save
+
+_AND = g.family(operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and",
+                aten.logical_and, aten.bitwise_and, aten.__and__)
+_GT = g.family(operator.gt, operator.ge, torch.gt, torch.ge, "gt", "ge", "__gt__", "__ge__", aten.gt, aten.ge)
+_LT = g.family(operator.lt, operator.le, torch.lt, torch.le, "lt", "le", "__lt__", "__le__", aten.lt, aten.le)
+
+
+def _policy(m: Match, cfg: DGAConfig) -> Optional[str]:
+    """Why DGA is not worth it here (``cfg.min_saving``), when the graph proves it, else None."""
+    windows = [w for node, sense in m.masks if sense == "attend" for w in [_window(node, 16)] if w]
+    if not windows:
+        return None
+    w_keys = min(windows)
+    kept = min(1.0, cfg.focus_ratio + 1.0 / cfg.group_size + (cfg.window + cfg.group_size) / w_keys)
+    if 1.0 - kept >= cfg.min_saving:
+        return None
+    return (f"the mask limits each query to a sliding window of {w_keys} keys: DGA would attend ≈{kept:.0%} of "
+            f"them, saving less than min_saving={cfg.min_saving:g}")
+
+
+def _window(x: Any, depth: int) -> Optional[int]:
+    """W when ``x`` ANDs in ``kv > q − W`` (or ``q − kv < W``), as HF sliding-window masks do."""
+    if not isinstance(x, fx.Node) or depth == 0:
+        return None
+    if g.is_op(x, g.CAST | g.LAYOUT):
+        return _window(x.args[0], depth - 1)
+    if g.is_op(x, _AND):
+        found = [w for a in x.args[:2] for w in [_window(a, depth - 1)] if w]
+        return min(found) if found else None
+    if g.is_op(x, g.WHERE) and len(x.args) == 3 and g.is_masked_value(g.constant(x.args[2])):
+        return _window(x.args[0], depth - 1)
+    lower, upper = (x.args[0], x.args[1]) if g.is_op(x, _LT) else (x.args[1], x.args[0]) if g.is_op(x, _GT) \
+        else (None, None)
+    c_upper = g.constant(upper)
+    if g.is_op(lower, g.SUB) and c_upper is not None and c_upper > 0:  # q − kv < W
+        return int(c_upper)
+    c_sub = g.constant(lower.args[1]) if g.is_op(lower, g.SUB) else None
+    if isinstance(upper, fx.Node) and c_sub is not None and c_sub > 0:  # kv > q − W
+        return int(c_sub)
     return None
 
 

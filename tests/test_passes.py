@@ -234,3 +234,23 @@ def test_report_table_and_default_config_runs_dga():
     got, want = out.module()(q, k, v, None), ep.module()(q, k, v, None)
     assert torch.isfinite(got).all() and (got - want).abs().max() > 1e-3
     assert "1 of 1" in report.summary() and report.table().row_count == 1
+
+
+class SlidingWindow(torch.nn.Module):
+    def __init__(self, window):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[2])
+        vis = (i[None, :] > i[:, None] - self.window) & (i[None, :] <= i[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis)
+
+
+@pytest.mark.parametrize("window, rewritten", [(8, False), (4096, True)], ids=["W8-dense", "W4096-rewritten"])
+def test_min_saving_policy_sliding_window(window, rewritten):
+    """A sliding window W in the graph bounds the keys per query: small W leaves DGA nothing to save."""
+    q, k, v = _qkv(N=13)
+    out, report = rewrite(torch.export.export(SlidingWindow(window), (q, k, v)), DGAConfig(min_seq_len=0))
+    assert report.num_rewritten == rewritten
+    assert rewritten or f"sliding window of {window} keys" in report.sites[0].reason
