@@ -266,7 +266,7 @@ _UNSQUEEZE = g.family("unsqueeze", torch.unsqueeze, aten.unsqueeze, operator.get
 
 def _strip_repeat_kv(m: Match) -> None:
     """k = reshape(expand(k0[:, :, None], (B, Hkv, n, N, D)), (B, Hkv·n, N, D)) -> k0 (same for v)."""
-    if m.k_transposed:
+    if m.k_transposed or m.backward is not None:  # the backward's dk, dv have the repeated shape
         return
     k0, v0 = _repeat_source(m.k), _repeat_source(m.v)
     if k0 is not None and v0 is not None and g.shape(k0)[1] == g.shape(v0)[1]:
@@ -303,11 +303,16 @@ def _insert(graph: fx.Graph, m: Match, cfg: DGAConfig) -> None:
         if m.dropout_p > 0:
             seed = _call(graph, aten.randint.low, (0, 2**62, []), anchor,
                          dict(dtype=torch.int64, device=g.tensor_val(m.q).device))
-        out = _call(graph, torch.ops.dga.attention.default,
-                    (m.q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
-                     float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias),
-                     cfg.min_seq_len, cfg.impl), anchor)
+        args = (m.q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
+                float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias),
+                cfg.min_seq_len, cfg.impl)
+        out = _call(graph, torch.ops.dga.attention.default, args, anchor)
     anchor.replace_all_uses_with(out)
+    if m.backward is not None:
+        with graph.inserting_before(m.backward):
+            grads = _call(graph, torch.ops.dga.attention_backward.default, (m.grad_out,) + args, m.backward)
+        m.backward.replace_all_uses_with(grads)
+        _erase_dead(graph, m.backward)
     _erase_dead(graph, anchor)
 
 

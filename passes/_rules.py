@@ -46,6 +46,8 @@ class Match:
     scale: Optional[float] = None
     dropout_p: float = 0.0
     k_transposed: bool = False  # the binding ``k`` is kᵀ [B, H, D, Nk]; the rewrite transposes it back
+    backward: Optional[fx.Node] = None  # the paired ATen backward of a joint (forward + backward) graph
+    grad_out: Optional[fx.Node] = None
     tags: list = dataclasses.field(default_factory=list)
     reason: Optional[str] = None
 
@@ -112,6 +114,8 @@ class SdpaRule:
         m.scale = a.get("scale")
         if variant.tuple_out:
             m.anchor, m.reason = _first_output(node)
+            if m.reason and variant.tag == "aten:flash_cpu":
+                self._pair_backward(node, a, m)
         if a.get("dropout_mask") is not None:
             m.reason = "an explicit dropout_mask is passed"
         for name in ("dropout_p", "is_causal", "scale"):
@@ -120,6 +124,28 @@ class SdpaRule:
         if m.reason is None:
             m.dropout_p, m.is_causal = float(a.get("dropout_p") or 0.0), bool(a.get("is_causal"))
         return m
+
+
+    @staticmethod
+    def _pair_backward(node: fx.Node, a: dict, m: Match) -> None:
+        """Joint graphs (forward + backward in one graph): logsumexp feeds only the matching
+        ``_scaled_dot_product_flash_attention_for_cpu_backward``, which the rewrite replaces by
+        ``dga.attention_backward`` (tag ``joint``)."""
+        lse = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+        if len(lse) != 1 or len(lse[0].users) != 1 or any(
+                u.target is not operator.getitem or u.args[1] not in (0, 1) for u in node.users):
+            return
+        (bwd,) = lse[0].users
+        bwd_op = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        if bwd.target is not bwd_op:
+            return
+        b = _bind(bwd, _schema_params(bwd_op))
+        same = (b["query"], b["key"], b["value"], b["logsumexp"], b["is_causal"], b["dropout_p"], b["attn_mask"],
+                b["scale"]) == (a["query"], a["key"], a["value"], lse[0], a["is_causal"], a["dropout_p"],
+                                a["attn_mask"], a["scale"])
+        if same:
+            m.backward, m.grad_out, m.reason = bwd, b["grad_out"], None
+            m.tags.append("joint")
 
 
 def _bind(node: fx.Node, params: tuple) -> dict:

@@ -104,6 +104,23 @@ def test_aten_backend_variants_tuple_outputs_make_fx(op):
     torch.testing.assert_close(out(q, k, v, mask), f(q, k, v, mask))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_joint_forward_backward_graph_B2_H4_N11_D8(causal):
+    """A joint graph (forward + backward, as aot_autograd traces training): the forward op and
+    its flash_cpu backward are both replaced; outputs and gradients equal the original at γ = 1."""
+    def f(q, k, v, grad):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return (out,) + torch.autograd.grad(out, (q, k, v), grad)
+
+    q, k, v = (x.requires_grad_() for x in _qkv(N=11))
+    grad = torch.randn(2, 4, 11, 8)
+    gm = make_fx(f, tracing_mode="fake")(q, k, v, grad)
+    out, report = rewrite(gm, EXACT)
+    assert report.num_rewritten == 1 and "joint" in report.sites[0].tags, str(report)
+    assert not any("flash" in str(n.target) for n in out.graph.nodes)
+    torch.testing.assert_close(out(q, k, v, grad), f(q, k, v, grad), rtol=1e-5, atol=1e-5)
+
+
 def test_logsumexp_used_stays_dense():
     q, k, v = _qkv(N=11)
 
