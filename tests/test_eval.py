@@ -1,0 +1,162 @@
+"""The accuracy evaluation: cost accounting, baselines, and the API/CLI end to end on tiny random models."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from dga_compile import DGAConfig  # noqa: E402
+from dga_compile.eval import CostMeter, Method, evaluate  # noqa: E402
+from dga_compile.eval.cli import main as eval_main, parse_config  # noqa: E402
+from dga_compile.eval.methods import attend_fn, recent_for_cost  # noqa: E402
+from dga_compile.reference import aggregate_groups, importance_scores, num_focus, split_focus  # noqa: E402
+
+SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0)
+TEXT = " ".join(f"the {w} of token {i % 13} went to {w}s and back" for i, w in
+                enumerate(["hacker", "kludge", "foo", "bar", "daemon", "cruft"] * 20))
+
+
+def _qkv(n, hq=4, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, hq, n, d, generator=g), torch.randn(1, hkv, n, d, generator=g),
+            torch.randn(1, hkv, n, d, generator=g))
+
+
+def _call(method, q, k, v):
+    with CostMeter() as meter:
+        out = attend_fn(method)(q, k, v, None, True, None, 0.0)
+    return out, meter
+
+
+def _spec_candidates(q, k, v, cfg):
+    """Brute force from the spec's step 5: per query head and query, focus + complete groups + raw."""
+    n, m, rep = k.shape[2], cfg.group_size, q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    vis = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    focus, nonfocus = split_focus(importance_scores(q, k, vis, scale, cfg.num_probe), num_focus(cfg.focus_ratio, n))
+    grp = aggregate_groups(q, k, v, nonfocus, scale, m)
+    counts = torch.zeros(1, q.shape[1], n)
+    for h in range(q.shape[1]):
+        members, anchors = grp.members[0, h // rep].tolist(), grp.anchors[0, h // rep].tolist()
+        in_group = {j for g in members for j in g}
+        for i in range(n):
+            complete = [g for g, a in zip(members, anchors) if a <= i - cfg.window]
+            raw = [j for j in range(i + 1) if j not in set(focus[0, h // rep].tolist())
+                   and not any(j in g for g in complete)]
+            counts[0, h, i] = sum(f <= i for f in focus[0, h // rep].tolist()) + len(complete) + len(raw)
+            assert in_group or not complete
+    return counts
+
+
+def test_dga_cost_matches_spec_brute_force():
+    q, k, v = _qkv(53)
+    with CostMeter() as meter:
+        attend_fn(Method("dga", SMALL))(q, k, v, None, True, None, 0.0)
+    want = _spec_candidates(q, k, v, SMALL)
+    assert meter.entries == pytest.approx(float(want.sum()))
+    assert meter.dense_entries == 4 * 53 * 54 / 2
+    assert meter.keys_at_last == pytest.approx(float(want[..., -1].mean()))
+
+
+@pytest.mark.parametrize("kind", ["streaming", "topk"])
+def test_baseline_with_window_covering_everything_is_dense(kind):
+    q, k, v = _qkv(45)
+    out, meter = _call(Method(kind, SMALL, recent=45), q, k, v)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert meter.fraction == 1.0
+
+
+def test_streaming_attends_to_sinks_and_recent_only():
+    q, k, v = _qkv(300)
+    out, meter = _call(Method("streaming", SMALL, sinks=3, recent=20), q, k, v)
+    i, j = torch.arange(300)[:, None], torch.arange(300)[None]
+    mask = (j <= i) & ((i - j < 20) | (j < 3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert meter.keys_at_last == 23
+    assert meter.fraction == pytest.approx(float(mask.sum()) / (300 * 301 / 2))
+
+
+def test_recent_for_cost_hits_the_streaming_cost():
+    method = Method("streaming", SMALL, sinks=4)
+    recent = recent_for_cost(method, 0.3, 300)
+    _, meter = _call(Method("streaming", SMALL, sinks=4, recent=recent), *_qkv(300))
+    assert abs(meter.fraction - 0.3) < 0.01
+
+
+def _tokenizer_dir(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=90, special_tokens=["[UNK]"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    _tokenizer_dir(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=128, initializer_range=0.5)
+    transformers.BertModel(cfg).save_pretrained(path)
+    _tokenizer_dir(path)
+    return path
+
+
+def test_evaluate_causal_lm(tiny_llama):
+    res = evaluate(tiny_llama, TEXT, seq_len=96, windows=2, configs=[SMALL, SMALL.replace(group_size=1)],
+                   progress=False)
+    kinds = [r.kind for r in res.methods]
+    assert kinds == ["dense", "dga", "streaming", "topk", "dga", "streaming", "topk"]
+    dense, dga, _, _, exact = res.methods[:5]
+    assert dense.delta_last_half == 0.0 and dense.cost == 1.0
+    assert exact.delta_last_half == pytest.approx(0.0, abs=1e-4) and exact.cost == 1.0   # m = 1 is dense
+    assert dga.cost < 1.0 and dga.delta_last_half != 0.0
+    assert all(r.ppl > 1 and len(r.per_window) == 2 for r in res.methods)
+
+
+def test_evaluate_encoder_cosine(tiny_bert):
+    res = evaluate(tiny_bert, TEXT, seq_len=64, windows=2, configs=[SMALL, SMALL.replace(focus_ratio=1.0)],
+                   progress=False)
+    dense, dga, exact = res.methods
+    assert dense.cosine == pytest.approx(1.0) and exact.cosine == pytest.approx(1.0, abs=1e-6)
+    assert dga.cosine < 1.0 and dga.cost < 1.0
+
+
+def test_cli_writes_json_and_plot(tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "res"
+    assert eval_main(["eval", str(tiny_llama), "--text", str(text), "--seq-len", "64", "--windows", "1",
+                      "--config", "focus_ratio=0.1,group_size=4,num_probe=8,window=8", "--out", str(out),
+                      "--quiet"]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [m["kind"] for m in data["methods"]] == ["dense", "dga", "streaming", "topk"]
+    if pytest.importorskip("matplotlib"):
+        assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("spec", ["window", "impl=triton", "colour=3"])
+def test_parse_config_rejects(spec):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_config(spec)
+
+
+def test_parse_config():
+    assert parse_config("window=0, group_bias=0") == DGAConfig(min_seq_len=0, window=0, group_bias=0.0)

@@ -1,0 +1,89 @@
+"""`attn_implementation="dga"` in Hugging Face transformers, on tiny random models."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from dga_compile import DGAConfig  # noqa: E402
+from dga_compile.integrations.transformers import register, register_attention  # noqa: E402
+
+EXACT = DGAConfig(group_size=1, min_seq_len=0)
+ACTIVE = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=0, min_seq_len=0)
+
+
+def _tiny(kind: str, attn: str) -> torch.nn.Module:
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    cfg = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "mistral-sw8": lambda: transformers.MistralConfig(sliding_window=8, **common),
+    }[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def _logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral-sw8"])
+def test_exact_config_equals_sdpa(kind):
+    """γ = 1 makes DGA dense: the HF glue (GQA, causal flag, sliding-window mask) must match SDPA."""
+    name = register(EXACT, name="dga-test-exact")
+    ids = torch.randint(0, 97, (2, 37))
+    want = _logits(_tiny(kind, "sdpa"), ids)
+    got = _logits(_tiny(kind, name), ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_equals_sdpa():
+    name = register(EXACT, name="dga-test-exact")
+    ids = torch.randint(0, 97, (2, 29))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                     # left padding in the second row
+    want = _logits(_tiny("llama", "sdpa"), ids, mask)
+    got = _logits(_tiny("llama", name), ids, mask)
+    torch.testing.assert_close(got[1, 5:], want[1, 5:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_active_config_changes_logits_and_sliding_mask_arrives():
+    """Negative control: with DGA active the output differs from SDPA; the window layer sees a bool mask."""
+    seen = []
+
+    def spy(q, k, v, attn_mask, is_causal, scale, dropout_p):
+        seen.append((None if attn_mask is None else attn_mask.dtype, is_causal))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                                scale=scale, enable_gqa=True)
+
+    ids = torch.randint(0, 97, (1, 40))
+    _logits(_tiny("mistral-sw8", register_attention("dga-test-spy", spy)), ids)
+    assert seen and all(m == torch.bool and not c for m, c in seen)
+    want = _logits(_tiny("llama", "sdpa"), ids)
+    got = _logits(_tiny("llama", register(ACTIVE, name="dga-test-active")), ids)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() > 1e-4
+
+
+def test_decode_step_is_dense():
+    """One query against a 40-key cache (Nq ≠ Nk) takes the exact dense path, as HF's sdpa does."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    dga = AttentionInterface()[register(ACTIVE, name="dga-test-active")]
+    got, _ = dga(module, q, k, v, None, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.3)
+    assert got.shape == (1, 1, 4, 8)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("bad", ["sdpa", "", "flash_attention_2"])
+def test_register_rejects_reserved_names(bad):
+    with pytest.raises(ValueError, match="attention implementation name"):
+        register(EXACT, name=bad)
