@@ -297,13 +297,16 @@ def _repeat_source(x: fx.Node) -> Optional[fx.Node]:
 def _insert(graph: fx.Graph, m: Match, cfg: DGAConfig) -> None:
     anchor = m.anchor
     with graph.inserting_before(anchor):
+        q = m.q
+        for scalar, how in m.q_factors:  # scale·q·kᵀ = (s·q)·kᵀ: a run-time scale goes onto q
+            q = _call(graph, aten.mul.Tensor if how == "mul" else aten.div.Tensor, (q, scalar), anchor)
         k = _call(graph, aten.transpose.int, (m.k, -2, -1), anchor) if m.k_transposed else m.k
         mask = _combine_masks(graph, m.masks, anchor)
         seed = None
         if m.dropout_p > 0:
             seed = _call(graph, aten.randint.low, (0, 2**62, []), anchor,
                          dict(dtype=torch.int64, device=g.tensor_val(m.q).device))
-        args = (m.q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
+        args = (q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
                 float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias),
                 cfg.min_seq_len, cfg.impl)
         out = _call(graph, torch.ops.dga.attention.default, args, anchor)

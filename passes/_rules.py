@@ -46,6 +46,7 @@ class Match:
     scale: Optional[float] = None
     dropout_p: float = 0.0
     k_transposed: bool = False  # the binding ``k`` is kᵀ [B, H, D, Nk]; the rewrite transposes it back
+    q_factors: list = dataclasses.field(default_factory=list)  # (scalar node, "mul"|"div"): a scale known only at run time
     backward: Optional[fx.Node] = None  # the paired ATen backward of a joint (forward + backward) graph
     grad_out: Optional[fx.Node] = None
     tags: list = dataclasses.field(default_factory=list)
@@ -118,7 +119,11 @@ class SdpaRule:
                 self._pair_backward(node, a, m)
         if a.get("dropout_mask") is not None:
             m.reason = "an explicit dropout_mask is passed"
-        for name in ("dropout_p", "is_causal", "scale"):
+        if isinstance(m.scale, fx.Node):  # scale·q·kᵀ = (scale·q)·kᵀ: a run-time scale goes onto q
+            m.q_factors.append((m.scale, "mul"))
+            m.scale = 1.0
+            m.tags.append("scale:runtime")
+        for name in ("dropout_p", "is_causal"):
             if isinstance(a.get(name), fx.Node):
                 m.reason = f"{name} is computed in the graph, not a constant"
         if m.reason is None:
@@ -271,7 +276,13 @@ class MatmulSoftmaxRule:
                 a, b = x.args[0], x.args[1]
                 c, other = (g.constant(b), a) if g.constant(b) is not None else (g.constant(a), b)
                 if c is None or (g.is_op(x, g.DIV) and other is not a):
-                    return None
+                    scalar, other = _runtime_factor(x)
+                    if scalar is None:
+                        return None
+                    m.q_factors.append((scalar, "mul" if g.is_op(x, g.MUL) else "div"))
+                    forms.append("scale:runtime")
+                    x = other
+                    continue
                 scale = scale * c if g.is_op(x, g.MUL) else scale / c
                 forms.append("scale:mul" if g.is_op(x, g.MUL) else "scale:div")
                 x = other
@@ -330,6 +341,19 @@ def _unscale(x: Any) -> tuple:
             if c is not None and isinstance(a, fx.Node):
                 return a, c
     return x, 1.0
+
+
+def _runtime_factor(x: fx.Node) -> tuple:
+    """(scalar, scores) for scores·s or scores/s with s a graph scalar (a SymFloat, or a 0-d tensor
+    such as Dynamo's lifted ``self.scaling`` under dynamic=True), else (None, None)."""
+    a, b = x.args[0], x.args[1]
+    pairs = [(b, a)] if g.is_op(x, g.DIV) else [(b, a), (a, b)]
+    for scalar, scores in pairs:
+        v = g.val(scalar)
+        is_scalar = isinstance(v, (torch.SymFloat, torch.SymInt)) or (isinstance(v, torch.Tensor) and v.dim() == 0)
+        if isinstance(scalar, fx.Node) and is_scalar and _reaches_matmul(scores):
+            return scalar, scores
+    return None, None
 
 
 def _zero_rows(where: fx.Node, p: fx.Node) -> bool:

@@ -221,3 +221,17 @@ def test_strict_raises_and_report_prints(capsys, monkeypatch):
     fn = torch.compile(cross, backend=dga_compile.backend(EXACT))
     fn(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 9, 8))
     assert "Nq=5 ≠ Nk=9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, impl", [("gpt2", "eager"), ("bert", "sdpa")], ids=["gpt2-eager", "bert-sdpa"])
+def test_hf_dynamic_shapes_runtime_scale(arch, impl):
+    """dynamic=True lifts float attributes such as ``self.scaling`` to graph inputs: the scale is
+    then known only at run time and is applied to q (``scale:runtime``) instead of leaving the site dense."""
+    model, x, reports = _tiny(arch, impl), _inputs(arch, padded=True, n=45), []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = _first(torch.compile(model, backend=_rewrite_only(EXACT, reports), dynamic=True)(**x))
+        want = _first(model(**x))
+    sites = [s for r in reports for s in r.sites]
+    assert sum(s.rewritten for s in sites) == LAYERS and all("scale:runtime" in s.tags for s in sites)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
