@@ -95,7 +95,8 @@ class SdpaRule:
 
     Pattern: ``sdpa(q, k, v, [mask], dropout_p, is_causal, scale=…, enable_gqa=…)`` at torch
     level or one of the ATen ops (tuple outputs: only ``[0]`` may have users).
-    Check: constant dropout_p / is_causal; math variant without an explicit dropout mask.
+    Check: constant dropout_p / is_causal; math variant without an explicit dropout mask. A scale
+    known only at run time (a graph scalar) is applied to q, and the op gets scale 1.
     """
 
     name = "sdpa"
@@ -191,7 +192,8 @@ class MatmulSoftmaxRule:
     (``kT:transpose``/``kT:permute``/``kT:other``); forwards through casts and ``dropout`` to
     ``matmul(p, v)``. ATen ``bmm`` with its expand/view wrappers is read as the 4-D matmul.
     Check: every intermediate (scores, weights) has no other user; softmax over the last dim;
-    constant scale (none: 1.0, as written); fill values are masked (≤ −1e4).
+    constant scale (none: 1.0, as written; a graph scalar goes onto q: ``scale:runtime``); fill
+    values are masked (≤ −1e4).
     """
 
     name = "matmul-softmax"
