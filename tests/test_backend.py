@@ -235,3 +235,23 @@ def test_hf_dynamic_shapes_runtime_scale(arch, impl):
     sites = [s for r in reports for s in r.sites]
     assert sum(s.rewritten for s in sites) == LAYERS and all("scale:runtime" in s.tags for s in sites)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_negatives_stay_dense_and_reported():
+    """T5: position-bias masks (finite biases) and cross-attention (Nq ≠ Nk) stay dense; GPT-2 with
+    output_attentions=True: the weights have another user. Each is reported with its reason."""
+    torch.manual_seed(0)
+    t5 = T.T5Model(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                              num_heads=4, attn_implementation="eager")).eval()
+    x = dict(input_ids=torch.randint(1, 100, (2, 20)), decoder_input_ids=torch.randint(1, 100, (2, 9)))
+    gpt2, reports = _tiny("gpt2", "eager"), []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(t5, backend=_rewrite_only(EXACT, reports))(**x)
+        torch.compile(gpt2, backend=_rewrite_only(EXACT, reports))(**_inputs("gpt2", True), output_attentions=True)
+    sites = [s for r in reports for s in r.sites]
+    assert not any(s.rewritten for s in sites)
+    reasons = [s.reason for s in sites]
+    assert sum("finite additive biases" in r for r in reasons) == 2  # encoder + decoder self-attention
+    assert sum("Nq=9 ≠ Nk=20" in r for r in reasons) == 1  # decoder cross-attention
+    assert sum("other users" in r for r in reasons) == LAYERS  # GPT-2 output_attentions
