@@ -255,3 +255,26 @@ def test_hf_negatives_stay_dense_and_reported():
     assert sum("finite additive biases" in r for r in reasons) == 2  # encoder + decoder self-attention
     assert sum("Nq=9 ≠ Nk=20" in r for r in reasons) == 1  # decoder cross-attention
     assert sum("other users" in r for r in reasons) == LAYERS  # GPT-2 output_attentions
+
+
+def test_training_dropout_reaches_the_op():
+    """Attention dropout in training (p = 0.1) becomes the op's dropout_p with a fresh seed per call."""
+    class Drop(_Block):
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(*x.shape[:2], 3, 4, 8).permute(2, 0, 3, 1, 4)
+            w = torch.nn.functional.dropout((q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1), 0.1, self.training)
+            return w @ v
+
+    torch.manual_seed(0)
+    model, x, reports, graphs = Drop(True).train(), torch.randn(2, 21, 32), [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return _rewrite_only(EXACT, reports)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    out = compiled(x)
+    (op,) = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.dga.attention.default]
+    assert op.args[4] == pytest.approx(0.1) and op.args[5] is not None and "dropout" in reports[0].sites[0].tags
+    assert torch.isfinite(out).all() and not torch.equal(out, compiled(x))  # a new dropout mask per call
