@@ -32,7 +32,7 @@ def family(*targets) -> frozenset:
 
 
 SOFTMAX = family(torch.softmax, torch.nn.functional.softmax, torch.special.softmax, "softmax",
-                 aten._softmax, aten.softmax)
+                 aten._softmax, aten.softmax, aten._safe_softmax)  # _safe_softmax: fully masked rows -> 0, as the op
 MATMUL = family(torch.matmul, operator.matmul, "matmul", "__matmul__", aten.matmul, torch.bmm, "bmm", aten.bmm)
 TRANSPOSE = family(torch.transpose, "transpose", aten.transpose, torch.swapaxes, "swapaxes", torch.swapdims,
                    "swapdims", aten.swapaxes, aten.swapdims)
@@ -51,7 +51,10 @@ CAST = family("to", "type", "float", "half", "bfloat16", aten._to_copy, aten.to,
 LAYOUT = family("view", "reshape", "contiguous", "expand", "clone", "unsqueeze", torch.reshape, torch.unsqueeze,
                 aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.clone, aten.contiguous,
                 aten.unsqueeze, aten.alias, aten.slice, aten.squeeze, operator.getitem, "__getitem__",
-                "repeat", aten.repeat, "squeeze", torch.squeeze, "expand_as", aten.expand_copy)
+                "repeat", aten.repeat, "squeeze", torch.squeeze, "expand_as", aten.expand_copy, "detach",
+                torch.detach, aten.detach, aten.detach_)
+# users that only read metadata (shape, dtype), never values
+META_ONLY = family(aten._assert_tensor_metadata, aten.sym_size, aten.sym_stride, aten.sym_numel, "size", "dim")
 LOGICAL_NOT = family(torch.logical_not, "logical_not", "__invert__", operator.invert, torch.bitwise_not,
                      "bitwise_not", aten.logical_not, aten.bitwise_not)
 # constant fills: target -> (index, name) of the fill value; None means the fill is 0
@@ -118,6 +121,10 @@ def module_path(node: fx.Node) -> str:
     return path.replace("._modules['", ".").replace("']", "")
 
 
+#: meta key of placeholders / get_attr nodes that hold a known one-element tensor (set by the rewrite)
+CONSTANT_KEY = "dga_constant"
+
+
 def constant(x: Any) -> Optional[float]:
     """A Python number for ``x`` when the graph fixes it: a literal or a scalar constant tensor."""
     if isinstance(x, bool):
@@ -126,6 +133,8 @@ def constant(x: Any) -> Optional[float]:
         return float(x)
     if not isinstance(x, fx.Node):
         return None
+    if CONSTANT_KEY in x.meta:
+        return x.meta[CONSTANT_KEY]
     if is_op(x, FILL_CONST):
         where = _FILL_ARG[x.target]
         return 0.0 if where is None else constant(arg(x, *where))

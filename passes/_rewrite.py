@@ -67,6 +67,10 @@ def rewrite_graph_module(gm: fx.GraphModule, cfg: DGAConfig, constants: Optional
             t = _get_attr(gm, node.target)
             if isinstance(t, torch.Tensor):
                 consts[node.name] = t
+    for node in gm.graph.nodes:
+        t = consts.get(node.name)
+        if t is not None and t.numel() == 1 and (t.dtype.is_floating_point or t.dtype == torch.bool):
+            node.meta[g.CONSTANT_KEY] = float(t)
     report = RewriteReport()
     for node in list(gm.graph.nodes):
         for rule in RULES:
@@ -102,7 +106,7 @@ def _program_constants(ep) -> dict:
 
 def _apply(graph: fx.Graph, m: Match, cfg: DGAConfig, consts: dict) -> Site:
     mask_kind = _combined_mask_kind(m.masks, consts)
-    reason = m.reason or _check(m, mask_kind)
+    reason = m.reason or _check(m, mask_kind) or _policy(m, cfg)
     if reason is None:
         _strip_repeat_kv(m)
         if m.scale is None:
@@ -141,6 +145,49 @@ def _check(m: Match, mask_kind: str) -> Optional[str]:
         return f"Hq={hq} is not a multiple of Hkv={hkv}"
     if m.scale is None and g.static_int(d) is None:
         return f"the head dim {d} is dynamic, so the default scale 1/sqrt(D) is not a constant"
+    return None
+
+
+# policy: a mask that bounds each query's keys (sliding window) leaves DGA little to save
+
+_AND = g.family(operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and",
+                aten.logical_and, aten.bitwise_and, aten.__and__)
+_GT = g.family(operator.gt, operator.ge, torch.gt, torch.ge, "gt", "ge", "__gt__", "__ge__", aten.gt, aten.ge)
+_LT = g.family(operator.lt, operator.le, torch.lt, torch.le, "lt", "le", "__lt__", "__le__", aten.lt, aten.le)
+
+
+def _policy(m: Match, cfg: DGAConfig) -> Optional[str]:
+    """Why DGA is not worth it here (``cfg.min_saving``), when the graph proves it, else None."""
+    windows = [w for node, sense in m.masks if sense == "attend" for w in [_window(node, 16)] if w]
+    if not windows:
+        return None
+    w_keys = min(windows)
+    kept = min(1.0, cfg.focus_ratio + 1.0 / cfg.group_size + (cfg.window + cfg.group_size) / w_keys)
+    if 1.0 - kept >= cfg.min_saving:
+        return None
+    return (f"the mask limits each query to a sliding window of {w_keys} keys: DGA would attend ≈{kept:.0%} of "
+            f"them, saving less than min_saving={cfg.min_saving:g}")
+
+
+def _window(x: Any, depth: int) -> Optional[int]:
+    """W when ``x`` ANDs in ``kv > q − W`` (or ``q − kv < W``), as HF sliding-window masks do."""
+    if not isinstance(x, fx.Node) or depth == 0:
+        return None
+    if g.is_op(x, g.CAST | g.LAYOUT):
+        return _window(x.args[0], depth - 1)
+    if g.is_op(x, _AND):
+        found = [w for a in x.args[:2] for w in [_window(a, depth - 1)] if w]
+        return min(found) if found else None
+    if g.is_op(x, g.WHERE) and len(x.args) == 3 and g.is_masked_value(g.constant(x.args[2])):
+        return _window(x.args[0], depth - 1)
+    lower, upper = (x.args[0], x.args[1]) if g.is_op(x, _LT) else (x.args[1], x.args[0]) if g.is_op(x, _GT) \
+        else (None, None)
+    c_upper = g.constant(upper)
+    if g.is_op(lower, g.SUB) and c_upper is not None and c_upper > 0:  # q − kv < W
+        return int(c_upper)
+    c_sub = g.constant(lower.args[1]) if g.is_op(lower, g.SUB) else None
+    if isinstance(upper, fx.Node) and c_sub is not None and c_sub > 0:  # kv > q − W
+        return int(c_sub)
     return None
 
 
@@ -219,7 +266,7 @@ _UNSQUEEZE = g.family("unsqueeze", torch.unsqueeze, aten.unsqueeze, operator.get
 
 def _strip_repeat_kv(m: Match) -> None:
     """k = reshape(expand(k0[:, :, None], (B, Hkv, n, N, D)), (B, Hkv·n, N, D)) -> k0 (same for v)."""
-    if m.k_transposed:
+    if m.k_transposed or m.backward is not None:  # the backward's dk, dv have the repeated shape
         return
     k0, v0 = _repeat_source(m.k), _repeat_source(m.v)
     if k0 is not None and v0 is not None and g.shape(k0)[1] == g.shape(v0)[1]:
@@ -250,17 +297,25 @@ def _repeat_source(x: fx.Node) -> Optional[fx.Node]:
 def _insert(graph: fx.Graph, m: Match, cfg: DGAConfig) -> None:
     anchor = m.anchor
     with graph.inserting_before(anchor):
+        q = m.q
+        for scalar, how in m.q_factors:  # scale·q·kᵀ = (s·q)·kᵀ: a run-time scale goes onto q
+            q = _call(graph, aten.mul.Tensor if how == "mul" else aten.div.Tensor, (q, scalar), anchor)
         k = _call(graph, aten.transpose.int, (m.k, -2, -1), anchor) if m.k_transposed else m.k
         mask = _combine_masks(graph, m.masks, anchor)
         seed = None
         if m.dropout_p > 0:
             seed = _call(graph, aten.randint.low, (0, 2**62, []), anchor,
                          dict(dtype=torch.int64, device=g.tensor_val(m.q).device))
-        out = _call(graph, torch.ops.dga.attention.default,
-                    (m.q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
-                     float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias),
-                     cfg.min_seq_len, cfg.impl), anchor)
+        args = (q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
+                float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias),
+                cfg.min_seq_len, cfg.impl)
+        out = _call(graph, torch.ops.dga.attention.default, args, anchor)
     anchor.replace_all_uses_with(out)
+    if m.backward is not None:
+        with graph.inserting_before(m.backward):
+            grads = _call(graph, torch.ops.dga.attention_backward.default, (m.grad_out,) + args, m.backward)
+        m.backward.replace_all_uses_with(grads)
+        _erase_dead(graph, m.backward)
     _erase_dead(graph, anchor)
 
 
@@ -291,9 +346,9 @@ def _call(graph: fx.Graph, target, args: tuple, like: fx.Node, kwargs: Optional[
         if key in like.meta:
             node.meta[key] = like.meta[key]
     fake_args = tree_map_only(fx.Node, g.val, (args, kwargs or {}))
-    modes = [x.fake_mode for x in tree_flatten(fake_args)[0] if isinstance(x, FakeTensor)]
-    if modes:
-        with modes[0]:
+    modes = {x.fake_mode for x in tree_flatten(fake_args)[0] if isinstance(x, FakeTensor)}
+    if len(modes) == 1:  # make_fx graphs may mix modes: the node then goes without "val"
+        with modes.pop():
             value = target(*fake_args[0], **fake_args[1])
         node.meta["val" if "val" in like.meta or "example_value" not in like.meta else "example_value"] = value
     return node

@@ -46,6 +46,9 @@ class Match:
     scale: Optional[float] = None
     dropout_p: float = 0.0
     k_transposed: bool = False  # the binding ``k`` is kᵀ [B, H, D, Nk]; the rewrite transposes it back
+    q_factors: list = dataclasses.field(default_factory=list)  # (scalar node, "mul"|"div"): a scale known only at run time
+    backward: Optional[fx.Node] = None  # the paired ATen backward of a joint (forward + backward) graph
+    grad_out: Optional[fx.Node] = None
     tags: list = dataclasses.field(default_factory=list)
     reason: Optional[str] = None
 
@@ -92,7 +95,8 @@ class SdpaRule:
 
     Pattern: ``sdpa(q, k, v, [mask], dropout_p, is_causal, scale=…, enable_gqa=…)`` at torch
     level or one of the ATen ops (tuple outputs: only ``[0]`` may have users).
-    Check: constant dropout_p / is_causal; math variant without an explicit dropout mask.
+    Check: constant dropout_p / is_causal; math variant without an explicit dropout mask. A scale
+    known only at run time (a graph scalar) is applied to q, and the op gets scale 1.
     """
 
     name = "sdpa"
@@ -112,14 +116,42 @@ class SdpaRule:
         m.scale = a.get("scale")
         if variant.tuple_out:
             m.anchor, m.reason = _first_output(node)
+            if m.reason and variant.tag == "aten:flash_cpu":
+                self._pair_backward(node, a, m)
         if a.get("dropout_mask") is not None:
             m.reason = "an explicit dropout_mask is passed"
-        for name in ("dropout_p", "is_causal", "scale"):
+        if isinstance(m.scale, fx.Node):  # scale·q·kᵀ = (scale·q)·kᵀ: a run-time scale goes onto q
+            m.q_factors.append((m.scale, "mul"))
+            m.scale = 1.0
+            m.tags.append("scale:runtime")
+        for name in ("dropout_p", "is_causal"):
             if isinstance(a.get(name), fx.Node):
                 m.reason = f"{name} is computed in the graph, not a constant"
         if m.reason is None:
             m.dropout_p, m.is_causal = float(a.get("dropout_p") or 0.0), bool(a.get("is_causal"))
         return m
+
+
+    @staticmethod
+    def _pair_backward(node: fx.Node, a: dict, m: Match) -> None:
+        """Joint graphs (forward + backward in one graph): logsumexp feeds only the matching
+        ``_scaled_dot_product_flash_attention_for_cpu_backward``, which the rewrite replaces by
+        ``dga.attention_backward`` (tag ``joint``)."""
+        lse = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+        if len(lse) != 1 or len(lse[0].users) != 1 or any(
+                u.target is not operator.getitem or u.args[1] not in (0, 1) for u in node.users):
+            return
+        (bwd,) = lse[0].users
+        bwd_op = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        if bwd.target is not bwd_op:
+            return
+        b = _bind(bwd, _schema_params(bwd_op))
+        same = (b["query"], b["key"], b["value"], b["logsumexp"], b["is_causal"], b["dropout_p"], b["attn_mask"],
+                b["scale"]) == (a["query"], a["key"], a["value"], lse[0], a["is_causal"], a["dropout_p"],
+                                a["attn_mask"], a["scale"])
+        if same:
+            m.backward, m.grad_out, m.reason = bwd, b["grad_out"], None
+            m.tags.append("joint")
 
 
 def _bind(node: fx.Node, params: tuple) -> dict:
@@ -160,7 +192,8 @@ class MatmulSoftmaxRule:
     (``kT:transpose``/``kT:permute``/``kT:other``); forwards through casts and ``dropout`` to
     ``matmul(p, v)``. ATen ``bmm`` with its expand/view wrappers is read as the 4-D matmul.
     Check: every intermediate (scores, weights) has no other user; softmax over the last dim;
-    constant scale (none: 1.0, as written); fill values are masked (≤ −1e4).
+    constant scale (none: 1.0, as written; a graph scalar goes onto q: ``scale:runtime``); fill
+    values are masked (≤ −1e4).
     """
 
     name = "matmul-softmax"
@@ -193,7 +226,7 @@ class MatmulSoftmaxRule:
         """Walks softmax -> casts / dropout / layout -> matmul(p, v); returns that matmul."""
         x = softmax
         for _ in range(8):
-            users = [u for u in x.users if not _zeros_like(u)]  # zeros_like(p) reads only p's shape
+            users = [u for u in x.users if not (_zeros_like(u) or g.is_op(u, g.META_ONLY))]
             if len(users) != 1:
                 m.reason = m.reason or "attention weights have other users (e.g. output_attentions)"
                 return None
@@ -232,7 +265,8 @@ class MatmulSoftmaxRule:
         for _ in range(12):
             if not isinstance(x, fx.Node):
                 return None
-            if len(x.users) != 1 and not all(g.is_op(u, g.SOFTMAX) or _is_inf_test(u) for u in x.users):
+            users = [u for u in x.users if not g.is_op(u, g.META_ONLY)]
+            if len(users) != 1 and not all(g.is_op(u, g.SOFTMAX) or _is_inf_test(u) for u in users):
                 m.reason = m.reason or "attention scores have other users"
             if g.is_op(x, g.MATMUL):
                 m.scale = scale
@@ -244,7 +278,13 @@ class MatmulSoftmaxRule:
                 a, b = x.args[0], x.args[1]
                 c, other = (g.constant(b), a) if g.constant(b) is not None else (g.constant(a), b)
                 if c is None or (g.is_op(x, g.DIV) and other is not a):
-                    return None
+                    scalar, other = _runtime_factor(x)
+                    if scalar is None:
+                        return None
+                    m.q_factors.append((scalar, "mul" if g.is_op(x, g.MUL) else "div"))
+                    forms.append("scale:runtime")
+                    x = other
+                    continue
                 scale = scale * c if g.is_op(x, g.MUL) else scale / c
                 forms.append("scale:mul" if g.is_op(x, g.MUL) else "scale:div")
                 x = other
@@ -305,6 +345,19 @@ def _unscale(x: Any) -> tuple:
     return x, 1.0
 
 
+def _runtime_factor(x: fx.Node) -> tuple:
+    """(scalar, scores) for scores·s or scores/s with s a graph scalar (a SymFloat, or a 0-d tensor
+    such as Dynamo's lifted ``self.scaling`` under dynamic=True), else (None, None)."""
+    a, b = x.args[0], x.args[1]
+    pairs = [(b, a)] if g.is_op(x, g.DIV) else [(b, a), (a, b)]
+    for scalar, scores in pairs:
+        v = g.val(scalar)
+        is_scalar = isinstance(v, (torch.SymFloat, torch.SymInt)) or (isinstance(v, torch.Tensor) and v.dim() == 0)
+        if isinstance(scalar, fx.Node) and is_scalar and _reaches_matmul(scores):
+            return scalar, scores
+    return None, None
+
+
 def _zero_rows(where: fx.Node, p: fx.Node) -> bool:
     """where(row_fully_masked, 0, p): SDPA's (and the op's) output 0 for rows with no visible key."""
     _, a, b = where.args
@@ -312,6 +365,7 @@ def _zero_rows(where: fx.Node, p: fx.Node) -> bool:
 
 
 def _zeros_like(node: fx.Node) -> bool:
+    """zeros_like(p) reads only p's shape."""
     return g.is_op(node, g.FILL_CONST) and g.is_zero(g.constant(node))
 
 
