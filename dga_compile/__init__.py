@@ -3,6 +3,9 @@
 from .api import dynamic_group_attention
 from .config import DGAConfig
 from .reference import reference_attention
+from .passes import RewriteError, RewriteReport, rewrite
+from .backend import backend, compile  # noqa: A004  (the function shadows the submodule attribute)
 
-__all__ = ["DGAConfig", "dynamic_group_attention", "reference_attention"]
+__all__ = ["DGAConfig", "RewriteError", "RewriteReport", "backend", "compile", "dynamic_group_attention",
+           "reference_attention", "rewrite"]
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
 
 
 def _validate_ranks(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -43,14 +43,14 @@ def _validate_ranks(q, k, v):
 
 def _validate_dtypes_devices(q, k, v, attn_mask):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+        raise ValueError(f"query must be float16, bfloat16, float32 or float64, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
+        raise ValueError(f"query, key, value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"query, key, value must be on one device, got {q.device}, {k.device}, {v.device}")
     if attn_mask is not None:
         if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; move it with .to(q.device)")
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}; move it with .to(q.device)")
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
             raise ValueError(f"attn_mask must be bool (True = may attend) or float (additive), got {attn_mask.dtype}")
 
@@ -58,11 +58,11 @@ def _validate_dtypes_devices(q, k, v, attn_mask):
 def _validate_shapes(q, k, v, enable_gqa):
     (B, Hq, _, D), (Bk, Hkv, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
     if not (B == Bk == Bv):
-        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
+        raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
     if Dk != D:
-        raise ValueError(f"q and k head dims differ: q D={D}, k D={Dk}")
+        raise ValueError(f"query and key head dims differ: query D={D}, key D={Dk}")
     if (Hv, Nv) != (Hkv, Nk):
-        raise ValueError(f"k and v must agree on heads and length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"key and value must agree on heads and length, got key {tuple(k.shape)}, value {tuple(v.shape)}")
     if Hq != Hkv:
         if not enable_gqa:
             raise ValueError(f"got Hq={Hq} query heads and Hkv={Hkv} key/value heads; "

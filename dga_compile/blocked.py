@@ -122,7 +122,7 @@ def _candidates_masked(sel: _Selection, vis: Tensor, i0: int, i1: int, causal: b
     n_f = _prefix_len(sel.focus, i1 - 1) if window else sel.focus.shape[-1]
     focus_ok = vis_at(sel.focus[..., :n_f])
     member_vis = vis_at(sel.nonfocus)                                               # [B, Hkv, rep, b, Nn]
-    complete = member_vis[..., :G * m].reshape(B, Hkv, -1, b, G, m).all(-1)
+    complete = member_vis[..., :G * m].reshape(B, Hkv, Hq // Hkv, b, G, m).all(-1)
     if window:
         i = torch.arange(i0, i1, device=vis.device)[:, None]
         complete &= sel.anchors[:, :, None, None, :] <= i - cfg.window

@@ -1,0 +1,214 @@
+// ONNX Runtime custom-op library: ai.dga::DynamicGroupAttention (version 1) on the CPU and,
+// when built with DGA_WITH_CUDA, on the CUDA execution provider (the session's compute stream).
+//
+// Nothing from ONNX Runtime is linked: the C API comes from the OrtApiBase that
+// RegisterCustomOps receives, at the API version of the headers this file was built against.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dga_cpu.h"
+#ifdef DGA_WITH_CUDA
+#include "dga_cuda.h"
+#endif
+
+#define DGA_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr const char* DOMAIN = "ai.dga";
+constexpr const char* OP_TYPE = "DynamicGroupAttention";
+
+template <typename T>
+T attribute_or(const OrtKernelInfo* info, const char* name, T fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<T>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+// The node's attributes; a missing one takes DGAConfig's default.
+dga::Params read_params(const OrtKernelInfo* info) {
+  dga::Params p;
+  p.focus_ratio = attribute_or<float>(info, "focus_ratio", p.focus_ratio);
+  p.group_size = attribute_or<int64_t>(info, "group_size", p.group_size);
+  p.num_probe = attribute_or<int64_t>(info, "num_probe", p.num_probe);
+  p.window = attribute_or<int64_t>(info, "window", p.window);
+  p.group_bias = attribute_or<float>(info, "group_bias", p.group_bias);
+  p.min_seq_len = attribute_or<int64_t>(info, "min_seq_len", p.min_seq_len);
+  p.is_causal = attribute_or<int64_t>(info, "is_causal", 0) != 0;
+  p.scale = attribute_or<float>(info, "scale", 0.0f);
+  if (!(p.focus_ratio >= 0.0f && p.focus_ratio <= 1.0f) || p.group_size < 1 || p.num_probe < 1 ||
+      p.window < 0 || !(p.group_bias >= 0.0f) || p.min_seq_len < 0)
+    ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention: attributes out of range (focus_ratio=" +
+                          std::to_string(p.focus_ratio) + " in [0,1], group_size=" + std::to_string(p.group_size) +
+                          " >= 1, num_probe=" + std::to_string(p.num_probe) + " >= 1, window=" +
+                          std::to_string(p.window) + " >= 0, group_bias=" + std::to_string(p.group_bias) +
+                          " >= 0, min_seq_len=" + std::to_string(p.min_seq_len) + " >= 0); see DGAConfig",
+                      ORT_INVALID_ARGUMENT);
+  return p;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+void fail(const std::string& msg) { ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention: " + msg, ORT_INVALID_ARGUMENT); }
+
+// The call's shapes and mask broadcast, checked; mask_shape receives the mask's dims.
+dga::Problem make_problem(const Ort::KernelContext& ctx, const dga::Params& p, int64_t mask_shape[4]) {
+  auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
+  const auto qs = shape(0), ks = shape(1), vs = shape(2);
+  if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4)
+    fail("q, k, v must be rank 4 [B, H, N, D], got " + shape_str(qs) + ", " + shape_str(ks) + ", " + shape_str(vs));
+  dga::Problem pr;
+  pr.B = qs[0], pr.Hq = qs[1], pr.Hkv = ks[1], pr.Nq = qs[2], pr.Nk = ks[2], pr.D = qs[3], pr.Dv = vs[3];
+  pr.p = p;
+  if (ks[0] != pr.B || vs[0] != pr.B || ks[3] != pr.D || vs[1] != pr.Hkv || vs[2] != pr.Nk)
+    fail("shapes do not agree: q " + shape_str(qs) + ", k " + shape_str(ks) + ", v " + shape_str(vs) +
+         " (want q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv])");
+  if (pr.Hkv < 1 || pr.Hq % pr.Hkv != 0)
+    fail("Hq=" + std::to_string(pr.Hq) + " is not a multiple of Hkv=" + std::to_string(pr.Hkv));
+  const size_t n_inputs = ctx.GetInputCount();
+  const OrtValue* mask = n_inputs > 3 ? static_cast<const OrtValue*>(ctx.GetInput(3)) : nullptr;
+  if (mask == nullptr) return pr;
+  const auto ms = shape(3);
+  const int64_t full[4] = {pr.B, pr.Hq, pr.Nq, pr.Nk};
+  if (ms.size() != 4) fail("attn_mask must be rank 4, broadcastable to [B, Hq, Nq, Nk], got " + shape_str(ms));
+  int64_t stride = 1;
+  for (int d = 3; d >= 0; --d) {
+    if (ms[d] != 1 && ms[d] != full[d])
+      fail("attn_mask of shape " + shape_str(ms) + " does not broadcast to [B, Hq, Nq, Nk] = " +
+           shape_str({full, full + 4}));
+    pr.mask_stride[d] = ms[d] == 1 ? 0 : stride;
+    mask_shape[d] = ms[d];
+    stride *= ms[d];
+  }
+  pr.mask = ctx.GetInput(3).GetTensorData<bool>();
+  pr.mask_rows_vary = ms[2] != 1;
+  return pr;
+}
+
+template <typename F>
+OrtStatusPtr guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+struct CpuKernel {
+  dga::Params p;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      int64_t mask_shape[4] = {1, 1, 1, 1};
+      const dga::Problem pr = make_problem(ctx, p, mask_shape);
+      auto out = ctx.GetOutput(0, {pr.B, pr.Hq, pr.Nq, pr.Dv});
+      dga::ParallelFor parallel_for = [&](size_t total, const std::function<void(size_t)>& body) {
+        auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };
+        ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&body));
+      };
+      dga::attention_cpu(pr, dga::window_applies_cpu(pr, mask_shape), ctx.GetInput(0).GetTensorData<float>(),
+                         ctx.GetInput(1).GetTensorData<float>(), ctx.GetInput(2).GetTensorData<float>(),
+                         out.GetTensorMutableData<float>(), parallel_for);
+    });
+  }
+};
+
+#ifdef DGA_WITH_CUDA
+struct CudaKernel {
+  dga::Params p;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      int64_t mask_shape[4] = {1, 1, 1, 1};
+      const dga::Problem pr = make_problem(ctx, p, mask_shape);
+      auto out = ctx.GetOutput(0, {pr.B, pr.Hq, pr.Nq, pr.Dv});
+      const std::string err = dga::attention_cuda(
+          pr, mask_shape, ctx.GetInput(0).GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
+          ctx.GetInput(2).GetTensorData<float>(), out.GetTensorMutableData<float>(), ctx.GetGPUComputeStream());
+      if (!err.empty()) ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention (CUDA): " + err, ORT_RUNTIME_EXCEPTION);
+    });
+  }
+};
+#endif
+
+// One op class per execution provider: q, k, v float32, optional bool attn_mask; float32 output.
+template <typename Kernel>
+struct DgaOp : Ort::CustomOpBase<DgaOp<Kernel>, Kernel, true> {
+  explicit DgaOp(const char* provider) : provider_(provider) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new Kernel{read_params(info)}; });
+  }
+  const char* GetName() const { return OP_TYPE; }
+  const char* GetExecutionProviderType() const { return provider_; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  const char* provider_;
+};
+
+}  // namespace
+
+// The ORT C API version these sources were built against (the headers' ORT_API_VERSION).
+DGA_EXPORT int DgaOrtApiVersion() { return ORT_API_VERSION; }
+
+// 0 when the runtime offers this library's API version; otherwise 1 and a message naming both.
+DGA_EXPORT int DgaOrtCheckApi(const OrtApiBase* base, char* message, size_t size) {
+  if (base->GetApi(ORT_API_VERSION) != nullptr) return 0;
+  std::snprintf(message, size,
+                "the ai.dga custom-op library was built against the ONNX Runtime C API version %d "
+                "(headers of ONNX Runtime 1.%d) but the loaded ONNX Runtime %s does not provide it; "
+                "use ONNX Runtime >= 1.%d or rebuild with its headers: "
+                "dga-compile build-ort-op --include-dir DIR (or ORT_INCLUDE_DIR=DIR)",
+                ORT_API_VERSION, ORT_API_VERSION, base->GetVersionString(), ORT_API_VERSION);
+  return 1;
+}
+
+DGA_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  char message[512];
+  if (DgaOrtCheckApi(base, message, sizeof message) != 0)
+    return base->GetApi(1)->CreateStatus(ORT_FAIL, message);  // version 1 is always served
+  Ort::InitApi(base->GetApi(ORT_API_VERSION));
+  static const DgaOp<CpuKernel> cpu_op("CPUExecutionProvider");
+#ifdef DGA_WITH_CUDA
+  static const DgaOp<CudaKernel> cuda_op("CUDAExecutionProvider");
+#endif
+  static std::mutex lock;
+  static std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // must outlive every session
+  return guarded([&] {
+    auto domain = std::make_unique<Ort::CustomOpDomain>(DOMAIN);
+    domain->Add(&cpu_op);
+#ifdef DGA_WITH_CUDA
+    domain->Add(&cuda_op);
+#endif
+    Ort::UnownedSessionOptions(options).Add(*domain);
+    std::lock_guard<std::mutex> guard(lock);
+    domains.push_back(std::move(domain));
+  });
+}

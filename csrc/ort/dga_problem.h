@@ -1,0 +1,63 @@
+// One DynamicGroupAttention call, independent of ONNX Runtime and of the device.
+// Semantics: docs/dga.md (the spec), dga_compile/reference.py (the spec in code).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+namespace dga {
+
+// The shortest decimal that rounds to the float32 ``x``, as a double (what the exporter started from).
+inline double shortest_decimal(float x) {
+  char buf[32];
+  for (int digits = 1; digits < 10; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
+    if (std::strtof(buf, nullptr) == x) break;
+  }
+  return std::strtod(buf, nullptr);
+}
+
+// DGAConfig's numeric fields, as the node's attributes carry them.
+struct Params {
+  float focus_ratio = 0.1f;
+  int64_t group_size = 16;
+  int64_t num_probe = 64;
+  int64_t window = 256;
+  float group_bias = 1.0f;
+  int64_t min_seq_len = 1024;
+  bool is_causal = false;
+  float scale = 0.0f;  // <= 0: 1/sqrt(D)
+};
+
+// q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], out [B, Hq, Nq, Dv], all contiguous.
+// mask: nullptr or bool broadcast to [B, Hq, Nq, Nk] through mask_stride (0 on broadcast dims);
+// mask_rows_vary: the mask's Nq dim is not 1 (only then can it stand for causality).
+struct Problem {
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
+  const bool* mask = nullptr;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  bool mask_rows_vary = false;
+  Params p;
+
+  float scale() const { return p.scale > 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(D)); }
+  // dga_applies(): self-attention prefill of at least min_seq_len keys; else exact dense attention.
+  bool dga_applies() const { return Nq == Nk && Nk >= (p.min_seq_len > 1 ? p.min_seq_len : 1); }
+  // n_f = ceil(γ·Nk) as reference.num_focus computes it from the Python float γ: the float32
+  // attribute is read back as its shortest decimal (0.1f -> 0.1), then γ·Nk is rounded to 9 decimals.
+  int64_t num_focus() const {
+    double x = std::round(shortest_decimal(p.focus_ratio) * static_cast<double>(Nk) * 1e9) / 1e9;
+    int64_t n = static_cast<int64_t>(std::ceil(x));
+    return n < Nk ? n : Nk;
+  }
+  const bool* mask_row(int64_t b, int64_t h, int64_t i) const {
+    return mask + b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2];
+  }
+  // Visible(i, j) on a mask row from mask_row().
+  bool visible(const bool* row, int64_t i, int64_t j) const {
+    return (!p.is_causal || j <= i) && (row == nullptr || row[j * mask_stride[3]]);
+  }
+};
+
+}  // namespace dga

@@ -1,0 +1,145 @@
+"""`export`: a PyTorch model with DGA sites -> an ONNX file any ONNX Runtime can run.
+
+Each ``torch.ops.dga.attention`` call becomes ONE ``ai.dga::DynamicGroupAttention`` node
+(domain version 1); the model carries the op's ONNX function (`_function.function_proto`),
+so runtimes without the custom-op library inline the function body.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Any, Optional, Union
+
+import onnx
+import onnx.checker
+import torch
+
+from .. import ops  # noqa: F401  (registers torch.ops.dga.*)
+from ..config import DGAConfig
+from ._function import function_proto
+from ._schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, node_attributes, register_schema
+
+__all__ = ["export", "prepare", "trace", "dga_nodes", "OPSET"]
+
+#: ONNX (ai.onnx) opset of exported models; the function body imports the same version.
+OPSET = 18
+_MAX_PROTO_BYTES = 2**31 - 2**26  # beyond this the weights go to an external data file
+
+PathLike = Union[str, os.PathLike]
+
+
+def trace(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, kwargs: Optional[dict] = None,
+          dynamic: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` (an `ExportedProgram` is returned as is). With ``dynamic``
+    every input dimension is ``Dim.AUTO``: export keeps a dim symbolic (batch, sequence) unless
+    the model pins it."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    auto = lambda t: {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+    shapes = None
+    if dynamic:
+        inputs = tuple(args) + tuple((kwargs or {}).values())  # specs in call order
+        shapes = torch.utils._pytree.tree_map(auto, inputs, is_leaf=lambda x: isinstance(x, torch.Tensor))
+    with torch.no_grad():
+        return torch.export.export(model, tuple(args), dict(kwargs or {}), dynamic_shapes=shapes)
+
+
+def prepare(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, kwargs: Optional[dict] = None,
+            config: Optional[DGAConfig] = None, dynamic: bool = True) -> tuple[torch.export.ExportedProgram, Any]:
+    """`trace`, then rewrite attention sites into DGA with ``dga_compile.rewrite``.
+
+    Returns (program, `RewriteReport`); the report is None while the passes are not installed
+    (then only sites that already call DGA are exported).
+    """
+    from .. import passes
+
+    program = trace(model, args, kwargs, dynamic)
+    rewrite = getattr(passes, "rewrite", None)
+    if rewrite is None:
+        return program, None
+    return rewrite(program, config)
+
+
+def dga_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
+    """The ``dga.attention`` calls of a program's graph."""
+    return [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.dga.attention.default]
+
+
+def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, path: PathLike,
+           config: Optional[DGAConfig] = None, dynamic: bool = True, kwargs: Optional[dict] = None,
+           check: bool = True) -> pathlib.Path:
+    """Exports ``model`` to ONNX at ``path`` with every DGA site as one ``ai.dga`` node.
+
+    Args:
+        model: an `nn.Module` or a `torch.export.ExportedProgram` whose attention calls
+            ``torch.ops.dga.attention`` (e.g. via `dga_compile.dynamic_group_attention`).
+        args, kwargs: sample inputs (for tracing; their sizes do not matter with ``dynamic``).
+        path: output file; written atomically (a temp file renamed into place), overwritten.
+        config: `DGAConfig` of the rewrite (`prepare`) that turns attention sites into DGA;
+            sites that already call DGA keep their own parameters.
+        dynamic: keep batch and sequence dims symbolic (``Dim.AUTO``).
+        check: run ``onnx.checker.check_model(full_check=True)`` on the result.
+
+    Returns:
+        The path written. The ONNX opset is `OPSET`; the custom domain is ``ai.dga`` version 1.
+    """
+    program, _ = prepare(model, args, kwargs, config, dynamic)
+    register_schema()
+    onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                                     custom_translation_table={torch.ops.dga.attention.default: _translate})
+    proto = with_function(onnx_program.model_proto)
+    if check:
+        onnx.checker.check_model(proto, full_check=True)
+    return _save_atomic(proto, pathlib.Path(path))
+
+
+def with_function(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Adds the ``DynamicGroupAttention`` function (importing the model's ai.onnx opset) if a node uses it."""
+    uses = any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in proto.graph.node)
+    have = any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions)
+    if uses and not have:
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        proto.functions.append(function_proto(opset))
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return proto
+
+
+def _translate(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, focus_ratio, group_size, num_probe,
+               window, group_bias, min_seq_len, impl):
+    """Translation of ``dga.attention`` (traced by the exporter; arguments are ONNX IR values)."""
+    import onnx_ir as ir
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    if dropout_p:
+        raise ValueError(f"dga.attention with dropout_p={dropout_p} cannot be exported; put the model in eval() mode")
+    if attn_mask is None:
+        # no mask: an all-true [1, 1, 1, 1] (the function body takes the mask as a required input)
+        mask = op.Reshape(op.Cast(op.Constant(value_ints=[1]), to=onnx.TensorProto.BOOL), op.Constant(value_ints=[1, 1, 1, 1]))
+    else:
+        mask = attn_mask if attn_mask.dtype == ir.DataType.BOOL else op.Equal(attn_mask, op.CastLike(op.Constant(value_float=0.0), attn_mask))
+        rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
+        if rank < 4:
+            mask = op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - rank))))
+    cfg = DGAConfig(focus_ratio=focus_ratio, group_size=group_size, num_probe=num_probe, window=window,
+                    group_bias=group_bias, min_seq_len=min_seq_len)
+    dga = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), OP_TYPE)
+    return dga(q, k, v, mask, **node_attributes(cfg, is_causal, scale))
+
+
+def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path) -> pathlib.Path:
+    """Writes ``proto`` to a temp file beside ``path`` and renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        external = proto.ByteSize() > _MAX_PROTO_BYTES
+        onnx.save_model(proto, tmp, save_as_external_data=external, location=path.name + ".data")
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

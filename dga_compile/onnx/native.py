@@ -1,0 +1,195 @@
+"""The native ONNX Runtime custom-op library (``csrc/ort/``): headers, build, location, loading.
+
+ONNX Runtime's C/C++ headers ship in no pip wheel. They come from ``ORT_INCLUDE_DIR`` (or
+``include_dir=``), else from Debian trixie's ``libonnxruntime-dev`` fetched with a private apt
+configuration in a temp dir (the system's apt sources are never touched) and unpacked into
+``.cache/ort-headers/``. The library links nothing from ONNX Runtime: it takes the C API from
+the ``OrtApiBase`` handed to ``RegisterCustomOps`` and checks the API version there.
+
+``python -m dga_compile.onnx.native --build`` builds it (the set-up runs this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+__all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library",
+           "NativeBuildError", "DOMAIN", "OP_TYPE"]
+
+DOMAIN = "ai.dga"
+OP_TYPE = "DynamicGroupAttention"
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+_SOURCES = _REPO / "csrc" / "ort"
+_CACHE = _REPO / ".cache" / "ort-headers"
+_LIBRARY = _REPO / "build" / "ort" / "libdga_ort.so"
+_HEADERS_DEB = "libonnxruntime-dev"
+_APT_SOURCE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n"
+_CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-Wall"]
+
+
+class NativeBuildError(RuntimeError):
+    """The library could not be built (no compiler, no headers, a compile error); the message says why."""
+
+
+def library_path() -> Optional[pathlib.Path]:
+    """The built library (``$DGA_ORT_LIBRARY`` if set), or None when it has not been built."""
+    path = pathlib.Path(os.environ.get("DGA_ORT_LIBRARY", _LIBRARY))
+    return path if path.is_file() else None
+
+
+def header_dir(include_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
+    """The directory holding ``onnxruntime_cxx_api.h``: ``include_dir``, ``$ORT_INCLUDE_DIR``,
+    the cache, or freshly fetched headers (needs apt's network access once)."""
+    given = include_dir or os.environ.get("ORT_INCLUDE_DIR")
+    if given:
+        path = pathlib.Path(given)
+        if not (path / "onnxruntime_cxx_api.h").is_file():
+            raise NativeBuildError(f"{path} has no onnxruntime_cxx_api.h; point ORT_INCLUDE_DIR (or "
+                                   f"--include-dir) at the directory holding ONNX Runtime's C/C++ headers")
+        return path
+    cached = _CACHE / "usr" / "include" / "onnxruntime"
+    if not (cached / "onnxruntime_cxx_api.h").is_file():
+        _fetch_headers(_CACHE)
+    return cached
+
+
+def _fetch_headers(dest: pathlib.Path) -> None:
+    """Download Debian trixie's libonnxruntime-dev with a private apt config and unpack it into ``dest``."""
+    for tool in ("apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise NativeBuildError(f"fetching ONNX Runtime headers needs {tool}, which is not installed; "
+                                   f"set ORT_INCLUDE_DIR to a directory with onnxruntime_cxx_api.h instead")
+    with tempfile.TemporaryDirectory(prefix="dga-ort-apt-") as tmp:
+        root = pathlib.Path(tmp)
+        for sub in ("lists/partial", "cache/archives/partial", "etc/sources.list.d", "etc/preferences.d"):
+            (root / sub).mkdir(parents=True)
+        (root / "etc" / "sources.list").write_text(_APT_SOURCE)
+        (root / "status").touch()
+        opts = [f"-oDir::State={root}", f"-oDir::State::Lists={root}/lists", f"-oDir::State::status={root}/status",
+                f"-oDir::Cache={root}/cache", f"-oDir::Etc::SourceList={root}/etc/sources.list",
+                f"-oDir::Etc::SourceParts={root}/etc/sources.list.d",
+                f"-oDir::Etc::Preferences={root}/etc/preferences",
+                f"-oDir::Etc::PreferencesParts={root}/etc/preferences.d", "-oDebug::NoLocking=1",
+                "-oAPT::Architecture=amd64", "-oAcquire::Languages=none", "-oAPT::Sandbox::User=root"]
+        _run(["apt-get", *opts, "-q", "update"], "apt-get update (Debian trixie index)", cwd=root)
+        _run(["apt-get", *opts, "download", _HEADERS_DEB], f"apt-get download {_HEADERS_DEB}", cwd=root)
+        debs = glob.glob(str(root / f"{_HEADERS_DEB}_*.deb"))
+        if not debs:
+            raise NativeBuildError(f"apt-get download produced no {_HEADERS_DEB} .deb in {root}")
+        staging = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        _run(["dpkg", "-x", debs[0], str(staging)], "dpkg -x")
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+
+
+def _run(cmd: list[str], what: str, cwd=None) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise NativeBuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _nvcc() -> Optional[str]:
+    """nvcc when the CUDA kernel should be built (``DGA_ORT_CUDA=0`` turns it off)."""
+    return None if os.environ.get("DGA_ORT_CUDA") == "0" else shutil.which("nvcc")
+
+
+def build_library(include_dir: Optional[str | os.PathLike] = None, force: bool = False) -> pathlib.Path:
+    """Build ``build/ort/libdga_ort.so`` (CPU kernel; CUDA kernel too when nvcc is present).
+
+    Skips the build when the library is newer than every source, unless ``force``. Fetches the
+    headers first if needed. Raises `NativeBuildError` with the reason on failure.
+    """
+    sources = sorted(_SOURCES.glob("*"))
+    if not force and _LIBRARY.is_file() and _LIBRARY.stat().st_mtime > max(p.stat().st_mtime for p in sources):
+        return _LIBRARY
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler found (g++/c++); install one or set CXX")
+    include = header_dir(include_dir)
+    _LIBRARY.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dga-ort-build-") as tmp:
+        staged = pathlib.Path(tmp) / _LIBRARY.name
+        cxx_sources = [str(_SOURCES / "dga_op.cc"), str(_SOURCES / "dga_cpu.cc")]
+        nvcc = _nvcc()
+        if nvcc is None:
+            _run([cxx, *_CXXFLAGS, "-shared", f"-I{include}", *cxx_sources, "-o", str(staged)],
+                 f"{cxx} (custom-op library)")
+        else:  # nvcc links, so that it finds its static CUDA runtime; nothing needs libcudart.so at load
+            objects = [str(pathlib.Path(tmp) / "dga_op.o"), str(pathlib.Path(tmp) / "dga_cpu.o"),
+                       str(pathlib.Path(tmp) / "dga_cuda.o")]
+            for src, obj in zip(cxx_sources, objects):
+                _run([cxx, *_CXXFLAGS, "-DDGA_WITH_CUDA", f"-I{include}", "-c", src, "-o", obj], f"{cxx} {src}")
+            _run([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-c",
+                  str(_SOURCES / "dga_cuda.cu"), "-o", objects[2]], "nvcc (CUDA kernel)")
+            _run([nvcc, "-shared", "-cudart", "static", *objects, "-o", str(staged)], "nvcc (link)")
+        shutil.move(str(staged), _LIBRARY)
+    return _LIBRARY
+
+
+def check_api_version(library: str | os.PathLike, runtime_version: Optional[str] = None) -> int:
+    """The C API version ``library`` was built for; raises `RuntimeError` naming both versions
+    when ONNX Runtime ``runtime_version`` (default: the installed one) is older.
+
+    (The library repeats this check in ``RegisterCustomOps``; failing here first gives the fix.)
+    """
+    built = ctypes.CDLL(str(library)).DgaOrtApiVersion()
+    if runtime_version is None:
+        import onnxruntime
+        runtime_version = onnxruntime.__version__
+    parts = runtime_version.split(".")
+    runtime_api = int(parts[1]) if len(parts) > 1 and parts[0] == "1" and parts[1].isdigit() else None
+    if runtime_api is not None and runtime_api < built:
+        raise RuntimeError(f"{library} was built against the ONNX Runtime C API version {built} (ONNX Runtime "
+                           f"1.{built} headers) but ONNX Runtime {runtime_version} provides only up to {runtime_api}; "
+                           f"upgrade onnxruntime or rebuild with matching headers "
+                           f"(ORT_INCLUDE_DIR=... dga-compile build-ort-op)")
+    return built
+
+
+def register_library(session_options) -> pathlib.Path:
+    """Register the built library with an ``onnxruntime.SessionOptions``; returns its path.
+
+    Raises `FileNotFoundError` when it has not been built, `RuntimeError` on an API mismatch.
+    """
+    path = library_path()
+    if path is None:
+        raise FileNotFoundError(f"the ai.dga custom-op library is not built ({_LIBRARY} is missing); "
+                                f"run `dga-compile build-ort-op` or `python -m dga_compile.onnx.native --build`")
+    check_api_version(path)
+    session_options.register_custom_ops_library(str(path))
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dga_compile.onnx.native", description=__doc__.splitlines()[0])
+    parser.add_argument("--build", action="store_true", help="build the library (fetching headers if needed)")
+    parser.add_argument("--include-dir", help="ONNX Runtime headers (default: $ORT_INCLUDE_DIR or fetched)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--soft", action="store_true", help="on failure print the reason and exit 0")
+    args = parser.parse_args(argv)
+    if not args.build:
+        print(library_path() or "not built")
+        return 0
+    try:
+        path = build_library(args.include_dir, args.force)
+    except NativeBuildError as err:
+        print(f"dga-compile: ONNX Runtime custom-op library not built: {err}", file=sys.stderr)
+        return 0 if args.soft else 1
+    print(f"built {path}" + (" (CPU + CUDA kernels)" if _nvcc() else " (CPU kernel)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

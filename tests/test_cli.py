@@ -1,0 +1,128 @@
+"""``dga-compile`` end to end: each input format, refusals, corrupt inputs, exit codes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from dga_compile.cli import main
+from dga_compile.onnx import DOMAIN
+
+from _onnx_models import TinyBert, TinyLlama, bert_inputs, llama_inputs
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A .pt2 archive (with example inputs), a pickled module and a Hugging Face directory."""
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    program = torch.export.export(TinyLlama().eval(), llama_inputs(2, 24),
+                                  dynamic_shapes=({1: torch.export.Dim("n", min=2, max=4096)},))
+    torch.export.save(program, d / "llama.pt2")
+    torch.save(TinyBert().eval(), d / "bert.pt")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "hf-llama")
+    return d
+
+
+def _dga_nodes(path) -> int:
+    return sum(n.domain == DOMAIN for n in onnx.load(str(path)).graph.node)
+
+
+def _convert(models, tmp_path, name, *extra):
+    out = tmp_path / "out.onnx"
+    return main(["convert", str(models / name), "-o", str(out), *extra]), out
+
+
+def test_convert_pt2_with_verify(models, tmp_path, capsys):
+    rc, out = _convert(models, tmp_path, "llama.pt2", "--verify")
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert _dga_nodes(out) == 2
+    assert "max abs error" in cap.out and "function" in cap.out
+
+
+def test_convert_pickle_is_refused_without_flag(models, tmp_path, capsys):
+    rc, out = _convert(models, tmp_path, "bert.pt", "--input", "2x30:int64", "--input", "2x30:int64")
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "refusing to unpickle" in err and "--trust-pickle" in err and "Traceback" not in err
+
+
+def test_convert_pickle_with_flag(models, tmp_path, capsys):
+    rc, out = _convert(models, tmp_path, "bert.pt", "--trust-pickle", "--input", "2x30:int64",
+                       "--input", "2x30:int64", "--verify")
+    assert rc == 0, capsys.readouterr().err
+    assert _dga_nodes(out) == 2
+
+
+def test_convert_huggingface_directory(models, tmp_path, capsys):
+    rc, out = _convert(models, tmp_path, "hf-llama", "--seq-len", "20", "--verify", "--min-seq-len", "16")
+    assert rc == 0, capsys.readouterr().err
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_existing_output_needs_force(models, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    rc, _ = _convert(models, tmp_path, "llama.pt2")
+    assert rc == 1 and out.read_bytes() == b"keep me"
+    assert "--force" in capsys.readouterr().err
+    rc, _ = _convert(models, tmp_path, "llama.pt2", "--force")
+    assert rc == 0 and _dga_nodes(out) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"], "no temp file left behind"
+
+
+@pytest.mark.parametrize("name,extra", [pytest.param("llama.pt2", [], id="pt2"),
+                                        pytest.param("bert.pt", ["--trust-pickle", "--input", "2x8:int64"], id="pickle")])
+def test_truncated_input_gives_one_line_error(models, tmp_path, capsys, name, extra):
+    bad = tmp_path / name
+    data = (models / name).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    rc = main(["convert", str(bad), "-o", str(tmp_path / "x.onnx"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 1 and "corrupt or truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_debug_shows_traceback(models, tmp_path, capsys):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip")
+    assert main(["--debug", "convert", str(bad), "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["convert", "m.pt2"], id="missing-output"),
+    pytest.param(["frobnicate"], id="unknown-command"),
+])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+
+
+def test_bad_parameter_is_usage_error(models, tmp_path, capsys):
+    rc, _ = _convert(models, tmp_path, "llama.pt2", "--focus-ratio", "2")
+    assert rc == 2 and "focus_ratio" in capsys.readouterr().err
+
+
+def test_inspect_lists_sites(models, capsys):
+    assert main(["inspect", str(models / "llama.pt2")]) == 0
+    cap = capsys.readouterr()
+    assert "2 DGA site(s)" in cap.err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("dga-compile", path=str(__import__("pathlib").Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("package not installed in this environment (pip install -e .)")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "convert" in r.stdout and "inspect" in r.stdout

@@ -1,0 +1,214 @@
+"""The native ONNX Runtime op ai.dga::DynamicGroupAttention (csrc/ort/) against the reference.
+
+Models are built by hand (one node in domain ai.dga) so these tests need no exporter. The
+output buffer is bound pre-filled with NaN, so a row the kernel forgets to write fails.
+"""
+
+import ctypes
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+from dga_compile.config import DGAConfig  # noqa: E402
+from dga_compile.onnx import native  # noqa: E402
+from dga_compile.reference import reference_attention  # noqa: E402
+
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def library():
+    try:
+        return native.build_library()
+    except native.NativeBuildError as err:
+        pytest.skip(f"native ORT op library cannot be built here: {err}")
+
+
+def _model(with_mask: bool, attrs: dict) -> bytes:
+    names = ["q", "k", "v"] + (["attn_mask"] if with_mask else [])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:3]]
+    if with_mask:
+        inputs.append(helper.make_tensor_value_info("attn_mask", TensorProto.BOOL, None))
+    node = helper.make_node(native.OP_TYPE, names, ["out"], domain=native.DOMAIN, **attrs)
+    graph = helper.make_graph([node], "dga", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def _attrs(cfg: DGAConfig, is_causal: bool, scale: float) -> dict:
+    return dict(focus_ratio=cfg.focus_ratio, group_size=cfg.group_size, num_probe=cfg.num_probe,
+                window=cfg.window, group_bias=cfg.group_bias, min_seq_len=cfg.min_seq_len,
+                is_causal=int(is_causal), scale=scale)
+
+
+def _session(library, model: bytes, threads: int = 0):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _run_native(library, q, k, v, mask, cfg, is_causal, scale, threads=0) -> torch.Tensor:
+    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, scale)), threads)
+    feeds = dict(q=q.numpy(), k=k.numpy(), v=v.numpy())
+    if mask is not None:
+        feeds["attn_mask"] = mask.numpy()
+    out = np.full((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), np.nan, dtype=np.float32)  # poison
+    io = sess.io_binding()
+    for name, arr in feeds.items():
+        io.bind_cpu_input(name, arr)
+    io.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    sess.run_with_iobinding(io)
+    return torch.from_numpy(out)
+
+
+def _inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Nq, D, generator=g), torch.randn(B, Hkv, Nk, D, generator=g),
+            torch.randn(B, Hkv, Nk, Dv, generator=g))
+
+
+def _padding_mask(B, N, seed=1):
+    """Key padding: batch b keeps its first N - 7·(b+1) keys; [B, 1, 1, N] bool."""
+    keep = torch.arange(N)[None, :] < (N - 7 * (torch.arange(B)[:, None] + 1))
+    return keep[:, None, None, :]
+
+
+# (id, B, Hq, Hkv, N, D, Dv, is_causal, mask kind, config changes)
+CASES = [
+    ("B1-H4-N300-D64-causal", 1, 4, 4, 300, 64, 64, True, None, {}),
+    ("B2-H2-N37-D32-noncausal", 2, 2, 2, 37, 32, 32, False, None, {"group_size": 4, "window": 8}),
+    ("B1-H1-N1-D16-causal", 1, 1, 1, 1, 16, 16, True, None, {}),
+    ("B1-H8-Hkv2-N211-D64-causal-gqa", 1, 8, 2, 211, 64, 64, True, None, {"window": 32}),
+    ("B1-H3-Hkv1-N150-D40-Dv24-noncausal-mqa", 1, 3, 1, 150, 40, 24, False, None, {"group_size": 5}),
+    ("B1-H2-N300-D64-causal-w0-beta0", 1, 2, 2, 300, 64, 64, True, None, {"window": 0, "group_bias": 0.0}),
+    ("B2-H2-N257-D32-causal-padmask", 2, 2, 2, 257, 32, 32, True, "pad", {"window": 16, "group_size": 8}),
+    ("B2-H2-N200-D32-noncausal-padmask", 2, 2, 2, 200, 32, 32, False, "pad", {"group_size": 8}),
+    ("B1-H2-N190-D32-maskcausal", 1, 2, 2, 190, 32, 32, False, "causal4d", {"window": 20, "group_size": 6}),
+    ("B1-H2-N160-D32-randmask-hq", 1, 2, 2, 160, 32, 32, False, "random", {"group_size": 4, "focus_ratio": 0.25}),
+    ("B1-H2-N120-D32-causal-emptyrows", 1, 2, 2, 120, 32, 32, True, "emptyrows", {"group_size": 4, "window": 8}),
+    ("B1-H2-N1100-D64-causal-defaults", 1, 2, 2, 1100, 64, 64, True, None, None),
+]
+
+
+def _mask(kind, B, H, N):
+    if kind is None:
+        return None
+    if kind == "pad":
+        return _padding_mask(B, N)
+    if kind == "causal4d":
+        return torch.ones(N, N, dtype=torch.bool).tril()[None, None].expand(B, 1, N, N).contiguous()
+    if kind == "random":
+        return torch.rand(B, H, N, N, generator=torch.Generator().manual_seed(3)) < 0.9
+    if kind == "emptyrows":
+        m = torch.ones(B, 1, N, N, dtype=torch.bool)
+        m[:, :, 50:53] = False  # fully masked rows -> 0
+        return m
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,Dv,is_causal,mask_kind,changes",
+                         [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_native_matches_reference(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes):
+    cfg = DGAConfig() if changes is None else DGAConfig(min_seq_len=0).replace(**changes)
+    q, k, v = _inputs(B, Hq, Hkv, N, N, D, Dv)
+    mask = _mask(mask_kind, B, Hq, N)
+    scale = 1.0 / math.sqrt(D)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, config=cfg)
+    out = _run_native(library, q, k, v, mask, cfg, is_causal, scale)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    if mask_kind == "emptyrows":
+        assert bool((out[:, :, 50:53] == 0).all())
+
+
+def _sdpa(q, k, v, mask, is_causal, scale):
+    if mask is not None and is_causal:
+        mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("Nq,Nk,is_causal,changes", [
+    pytest.param(200, 200, True, {"focus_ratio": 1.0}, id="N200-causal-gamma1"),
+    pytest.param(200, 200, False, {"group_size": 1}, id="N200-noncausal-m1"),
+    pytest.param(200, 200, True, {"group_size": 1, "window": 0}, id="N200-causal-m1-w0"),
+    pytest.param(37, 300, False, {}, id="Nq37-Nk300-cross"),
+    pytest.param(5, 300, False, {"min_seq_len": 0}, id="Nq5-Nk300-decode"),
+    pytest.param(300, 300, True, {"min_seq_len": 1024}, id="N300-causal-short"),
+])
+def test_native_exact_cases_equal_sdpa(library, Nq, Nk, is_causal, changes):
+    cfg = DGAConfig(min_seq_len=0).replace(**changes)
+    q, k, v = _inputs(1, 4, 2, Nq, Nk, 32, 32, seed=5)
+    mask = _padding_mask(1, Nk)
+    out = _run_native(library, q, k, v, mask, cfg, is_causal, 0.2)
+    torch.testing.assert_close(out, _sdpa(q, k, v, mask, is_causal, 0.2), atol=ATOL, rtol=RTOL)
+
+
+def test_native_threads_agree(library):
+    """The intra-op thread pool splits work items only: 1 and 2 threads give the same bits."""
+    cfg = DGAConfig(min_seq_len=0, window=16)
+    q, k, v = _inputs(1, 2, 2, 333, 333, 32, 32, seed=7)
+    one = _run_native(library, q, k, v, None, cfg, True, 0.25, threads=1)
+    two = _run_native(library, q, k, v, None, cfg, True, 0.25, threads=2)
+    assert torch.equal(one, two)
+
+
+def test_native_bad_shapes_raise_clearly(library):
+    sess = _session(library, _model(False, _attrs(DGAConfig(), True, 0.125)))
+    q = np.zeros((1, 2, 8, 16), np.float32)
+    with pytest.raises(Exception, match=r"Hq=3 is not a multiple of Hkv=2"):
+        sess.run(None, dict(q=np.zeros((1, 3, 8, 16), np.float32), k=q, v=q))
+    with pytest.raises(Exception, match=r"must be rank 4"):
+        sess.run(None, dict(q=q[0], k=q, v=q))
+
+
+def test_native_bad_attribute_raises(library):
+    attrs = _attrs(DGAConfig(), True, 0.125) | {"group_size": 0}
+    with pytest.raises(Exception, match=r"group_size=0 >= 1"):
+        _session(library, _model(False, attrs)).run(None, {n: np.zeros((1, 1, 4, 8), np.float32) for n in "qkv"})
+
+
+# A fake OrtApiBase: GetApi(version) serves versions up to `served`, GetVersionString names it.
+_GET_API = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+_VERSION_STRING = ctypes.CFUNCTYPE(ctypes.c_void_p)  # a char* the test keeps alive
+
+
+class _ApiBase(ctypes.Structure):
+    _fields_ = [("GetApi", _GET_API), ("GetVersionString", _VERSION_STRING)]
+
+
+@pytest.mark.parametrize("served,ok", [pytest.param(20, False, id="runtime-older"),
+                                       pytest.param(40, True, id="runtime-newer")])
+def test_library_api_version_check(library, served, ok):
+    lib = ctypes.CDLL(str(library))
+    built = lib.DgaOrtApiVersion()
+    dummy = ctypes.c_int(0)
+    get_api = _GET_API(lambda version: ctypes.addressof(dummy) if version <= served else None)
+    text_buf = ctypes.create_string_buffer(f"1.{served}.0".encode())
+    version_string = _VERSION_STRING(lambda: ctypes.addressof(text_buf))
+    base = _ApiBase(get_api, version_string)
+    msg = ctypes.create_string_buffer(512)
+    rc = lib.DgaOrtCheckApi(ctypes.byref(base), msg, len(msg))
+    assert rc == (0 if ok else 1)
+    if not ok:
+        text = msg.value.decode()
+        assert f"C API version {built}" in text and f"1.{served}.0" in text and "ORT_INCLUDE_DIR" in text
+
+
+def test_python_api_version_check(library):
+    built = native.check_api_version(library)
+    assert built == native.check_api_version(library, f"1.{built}.0")
+    with pytest.raises(RuntimeError, match=rf"C API version {built} .* ONNX Runtime 1\.{built - 1}\.3 provides only up to {built - 1}"):
+        native.check_api_version(library, f"1.{built - 1}.3")
+
+
+def test_register_library(library):
+    so = ort.SessionOptions()
+    assert native.register_library(so) == native.library_path()
