@@ -35,6 +35,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 SUBCOMMANDS: dict[str, str] = {
     "convert": "dga_compile.cli:CONVERT",
     "inspect": "dga_compile.cli:INSPECT",
+    "eval": "dga_compile.eval.cli:EVAL",
 }
 
 

@@ -143,11 +143,13 @@ def test_cli_writes_json_and_plot(tiny_llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     out = tmp_path / "res"
-    assert eval_main(["eval", str(tiny_llama), "--text", str(text), "--seq-len", "64", "--windows", "1",
-                      "--config", "focus_ratio=0.1,group_size=4,num_probe=8,window=8", "--out", str(out),
+    assert eval_main([str(tiny_llama), "--text", str(text), "--seq-len", "64", "--windows", "1",
+                      "--group-size", "4", "--num-probe", "8", "--config", "window=8", "--out", str(out),
                       "--quiet"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert [m["kind"] for m in data["methods"]] == ["dense", "dga", "streaming", "topk"]
+    params = data["methods"][1]["params"]
+    assert (params["group_size"], params["num_probe"], params["window"], params["min_seq_len"]) == (4, 8, 8, 0)
     if pytest.importorskip("matplotlib"):
         assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
