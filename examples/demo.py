@@ -105,7 +105,7 @@ def stage_compile(model, ids, cfg: DGAConfig):
     report = dga_backend.last_report()
     report.print()
     err = (got - _eager_dga_logits(model, ids, cfg)).abs().max().item()
-    _note("torch.compile backend='dga'", f"{len(report.sites)} attention site(s) seen, max |logit − eager DGA| {err:.2e}",
+    _note("torch.compile backend='dga'", f"{report.summary()}; max |logit − eager DGA| {err:.2e}",
           f"first call (compile) {t_compile:.0f}s")
     return compiled
 
