@@ -174,7 +174,7 @@ def stage_onnx(model, ids, cfg: DGAConfig):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of text (default 2048)")
-    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
+    ap.add_argument("--repeats", type=int, default=2, help="timing repeats (default 2)")
     ap.add_argument("--tiny", action="store_true", help="use a tiny random Llama instead of SmolLM2")
     ap.add_argument("--skip", nargs="*", default=[], choices=["compile", "speed", "onnx"])
     args = ap.parse_args(argv)
