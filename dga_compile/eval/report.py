@@ -76,7 +76,8 @@ def save_plot(result: EvalResult, path: Union[str, Path]) -> Path:
         pts = sorted((r.cost, r.delta_last_half if causal else 1 - r.cosine, r) for r in result.methods
                      if r.kind == kind)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_STYLE[kind], label=_NAMES[kind])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_STYLE[kind], label=_NAMES[kind],
+                    ls="none" if kind == "dga" else "-")     # DGA points are different settings: no line
         for x, y, r in pts if kind == "dga" else ():
             c = r.params
             ax.annotate(f"γ={c['focus_ratio']:g} m={c['group_size']} w={c['window']} β={c['group_bias']:g} "
