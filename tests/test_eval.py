@@ -143,11 +143,13 @@ def test_cli_writes_json_and_plot(tiny_llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     out = tmp_path / "res"
-    assert eval_main(["eval", str(tiny_llama), "--text", str(text), "--seq-len", "64", "--windows", "1",
-                      "--config", "focus_ratio=0.1,group_size=4,num_probe=8,window=8", "--out", str(out),
+    assert eval_main([str(tiny_llama), "--text", str(text), "--seq-len", "64", "--windows", "1",
+                      "--group-size", "4", "--num-probe", "8", "--config", "window=8", "--out", str(out),
                       "--quiet"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert [m["kind"] for m in data["methods"]] == ["dense", "dga", "streaming", "topk"]
+    params = data["methods"][1]["params"]
+    assert (params["group_size"], params["num_probe"], params["window"], params["min_seq_len"]) == (4, 8, 8, 0)
     if pytest.importorskip("matplotlib"):
         assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -160,3 +162,50 @@ def test_parse_config_rejects(spec):
 
 def test_parse_config():
     assert parse_config("window=0, group_bias=0") == DGAConfig(min_seq_len=0, window=0, group_bias=0.0)
+
+
+def _fetched(fetcher):
+    from dga_compile.eval.fetch import FetchError
+
+    try:
+        return fetcher()
+    except (FetchError, ImportError) as e:
+        pytest.skip(f"cannot fetch: {e}")
+
+
+@pytest.mark.slow
+def test_smollm2_on_jargon_text():
+    """Real model and text: an exact config equals dense; the defaults cost less and stay close."""
+    from dga_compile.eval.fetch import jargon_text, smollm2
+
+    model, text = _fetched(smollm2), _fetched(jargon_text).read_text()
+    res = evaluate(model, text, seq_len=1024, windows=1, progress=False, baselines=False,
+                   configs=[DGAConfig(min_seq_len=0, group_size=1), DGAConfig(min_seq_len=0)])
+    dense, exact, dga = res.methods
+    assert exact.ppl == pytest.approx(dense.ppl, rel=1e-4)
+    assert dga.cost < 0.6 and 0.0 < dga.delta_last_half < 0.5
+
+
+@pytest.mark.slow
+def test_minilm_cosine():
+    from dga_compile.eval.fetch import minilm
+
+    res = evaluate(_fetched(minilm), TEXT, seq_len=256, windows=2, progress=False, baselines=False,
+                   configs=[DGAConfig(min_seq_len=0, group_size=4, num_probe=16)])
+    assert res.task == "encoder"
+    assert 0.9 < res.methods[1].cosine < 1.0 and res.methods[1].cost < 1.0
+
+
+@pytest.mark.slow
+def test_demo_tiny_end_to_end(capsys):
+    """`make demo` with the tiny random model: every stage runs and the summary is printed."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).parents[1] / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.main(["--tiny", "--repeats", "1", "--tokens", "1100"])
+    stages = [row[0] for row in demo.SUMMARY]
+    assert stages[:3] == ["model", "text", "perplexity"] and "ONNX export + ONNX Runtime" in stages
+    assert all("not available" not in row[1] for row in demo.SUMMARY)

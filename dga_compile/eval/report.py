@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Union
 
-from .run import EvalResult
+from .run import EvalResult, MethodResult
 
-__all__ = ["rich_table", "markdown_table", "save_json", "save_plot"]
+__all__ = ["rich_table", "markdown_table", "save_json", "load_json", "save_plot"]
 
 _STYLE = {"dense": "o", "dga": "s", "streaming": "^", "topk": "v"}
 _NAMES = {"dense": "dense", "dga": "DGA", "streaming": "StreamingLLM (sinks + recent)", "topk": "top-k + recent"}
@@ -56,6 +56,13 @@ def save_json(result: EvalResult, path: Union[str, Path]) -> Path:
     return path
 
 
+def load_json(path: Union[str, Path]) -> EvalResult:
+    """The `EvalResult` a `save_json` file holds."""
+    data = json.loads(Path(path).read_text())
+    data["methods"] = [MethodResult(**m) for m in data["methods"]]
+    return EvalResult(**data)
+
+
 def save_plot(result: EvalResult, path: Union[str, Path]) -> Path:
     """PNG: accuracy (Δ PPL last half, or 1 − cosine) vs attention cost, one line per method kind."""
     import matplotlib
@@ -66,9 +73,15 @@ def save_plot(result: EvalResult, path: Union[str, Path]) -> Path:
     causal = result.task == "causal-lm"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind in ("dga", "streaming", "topk"):
-        pts = sorted((r.cost, r.delta_last_half if causal else 1 - r.cosine) for r in result.methods if r.kind == kind)
+        pts = sorted((r.cost, r.delta_last_half if causal else 1 - r.cosine, r) for r in result.methods
+                     if r.kind == kind)
         if pts:
-            ax.plot(*zip(*pts), marker=_STYLE[kind], label=_NAMES[kind])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_STYLE[kind], label=_NAMES[kind],
+                    ls="none" if kind == "dga" else "-")     # DGA points are different settings: no line
+        for x, y, r in pts if kind == "dga" else ():
+            c = r.params
+            ax.annotate(f"γ={c['focus_ratio']:g} m={c['group_size']} w={c['window']} β={c['group_bias']:g} "
+                        f"r={c['num_probe']}", (x, y), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0.0, color="gray", lw=1, ls="--", label="dense")
     ax.set_xlabel("attention cost: score entries vs dense (summed over all queries)")
     ax.set_ylabel("Δ perplexity on the last half vs dense" if causal else "1 − cosine(pooled embedding, dense)")
