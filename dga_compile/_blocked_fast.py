@@ -18,7 +18,6 @@ log-sum-exp; the two are merged exactly. Nothing here is differentiable.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -27,10 +26,6 @@ from torch import Tensor
 from .reference import Groups
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-#: Flash calls with fewer score entries (B·H·b·L) than this run on one thread (see `one_thread`).
-_PARALLEL_SCORES = 1 << 21
-
-
 def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: float) -> bool:
     """No mask, no dropout, CPU, Dv == D (CPU flash needs it), and no autograd graph to record."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -38,32 +33,12 @@ def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: flo
             and v.shape[-1] == q.shape[-1])
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Runs the enclosed ops on one intra-op thread and yields the thread count it replaced.
-
-    The per-block bookkeeping (steps 1–4, masks, merges) is many small ops; each parallel region
-    waits for every thread, which on a busy host costs more than the op. Only large flash calls
-    get all threads back (`_attend`).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield before
-    finally:
-        torch.set_num_threads(before)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, threads: int,
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
             is_causal: bool = False) -> tuple[Tensor, Tensor]:
-    """One fused call, on ``threads`` threads if it is large: q [B, H, b, D], k/v [B, H, L, D],
+    """One fused call: q [B, H, b, D], k/v [B, H, L, D],
     bias None or additive broadcastable to [B, H, b, L] -> (out [B, H, b, Dv], lse [B, H, b]);
     rows whose bias is all −inf get lse −inf."""
-    torch.set_num_threads(threads if q.shape[:3].numel() * k.shape[2] >= _PARALLEL_SCORES else 1)
-    try:
-        out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
-    finally:
-        torch.set_num_threads(1)
+    out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
     if bias is None:
         return out, lse
     return out, lse.masked_fill((bias.amax(-1) == float("-inf")).expand_as(lse), float("-inf"))
@@ -85,8 +60,8 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Tensor, grp: Groups,
                    is_causal: bool, scale: float, window: int, group_size: int, group_logit: float,
-                   block_size: int, threads: int) -> Tensor:
-    """Step 5 without a mask, run inside `one_thread` (large flash calls use ``threads``).
+                   block_size: int) -> Tensor:
+    """Step 5 without a mask.
 
     q [B, Hq, N, D], k/v [B, Hkv, N, D]; focus [B, Hkv, n_f], nonfocus [B, Hkv, Nn] (positions,
     increasing), grp from `aggregate_groups` -> [B, Hq, N, Dv]."""
@@ -104,7 +79,7 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
         tail = nonfocus[..., G * group_size:]
         keys, values = torch.cat([kp, gather(k, tail)], 2), torch.cat([vp, gather(v, tail)], 2)
         bias = torch.cat([col_bias, q.new_zeros(tail.shape[-1])])
-        return _attend(q, keys, values, bias.view(1, 1, 1, -1), scale, threads)[0]
+        return _attend(q, keys, values, bias.view(1, 1, 1, -1), scale)[0]
 
     i = torch.arange(N, device=q.device)
     n_done = torch.searchsorted(anchors, (i - window).expand(B, Hq, N).contiguous(), right=True)  # groups complete for i
@@ -122,13 +97,13 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
         # with i). Without a mask when near ≤ i0: [near, i0) is open to all, [i0, i1) is causal.
         near = int(lo[..., i1 - 1].max())
         if near <= i0:
-            parts = [_attend(qb, k[:, :, i0:i1], v[:, :, i0:i1], None, scale, threads, is_causal=True)]
+            parts = [_attend(qb, k[:, :, i0:i1], v[:, :, i0:i1], None, scale, is_causal=True)]
             if near < i0:
-                parts.append(_attend(qb, k[:, :, near:i0], v[:, :, near:i0], None, scale, threads))
+                parts.append(_attend(qb, k[:, :, near:i0], v[:, :, near:i0], None, scale))
         else:
             cols = torch.arange(near, i1, device=q.device)
             parts = [] if near == i1 else [_attend(qb, k[:, :, near:i1], v[:, :, near:i1],
-                                                   _causal_bias(rows, cols, neg_inf), scale, threads)]
+                                                   _causal_bias(rows, cols, neg_inf), scale)]
         # Far: positions [lo_min, near) and the groups completing inside the block, masked per head.
         # Raw column j is open to query i iff j ≤ i and t_j ≥ lo(i), where t_j = j, or ∞ for a
         # focus token that is not in this head's prefix (focus tokens in the prefix are < lo(i)).
@@ -145,7 +120,7 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
             torch.where(grp_ok, q.new_tensor(group_logit), neg_inf, out=far_bias[..., n_raw:])
             keys = torch.cat([k[:, :, lo_min:near], grp.keys[:, :, g_lo:g_hi]], 2)
             values = torch.cat([v[:, :, lo_min:near], grp.values[:, :, g_lo:g_hi]], 2)
-            parts.append(_attend(qb, keys, values, far_bias, scale, threads))
+            parts.append(_attend(qb, keys, values, far_bias, scale))
         # Prefix: slice [n_f − nf_max, n_f + ng_max) of the buffer; head h uses nf0[h] focus, g0[h] groups.
         nf0 = torch.searchsorted(focus, lo0.contiguous())                                         # focus < lo(i0)
         nf_max, ng_max = int(nf0.max()), int(g0.max())
@@ -153,7 +128,7 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, focus: Tensor, nonfocus: Ten
             c = torch.arange(n_f - nf_max, n_f + ng_max, device=q.device)
             pre_ok = torch.where(c < n_f, n_f - 1 - c < nf0, c - n_f < g0)[..., None, :]
             parts.append(_attend(qb, kp[:, :, n_f - nf_max:n_f + ng_max], vp[:, :, n_f - nf_max:n_f + ng_max],
-                                 torch.where(pre_ok, col_bias[n_f - nf_max:n_f + ng_max], neg_inf), scale, threads))
+                                 torch.where(pre_ok, col_bias[n_f - nf_max:n_f + ng_max], neg_inf), scale))
         out[:, :, i0:i1] = _merge(parts)
     return out
 

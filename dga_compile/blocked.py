@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import DGAConfig
 from ._validation import causal_like, dga_applies, mask_4d, visible_rows
-from ._blocked_fast import fast_attention, fast_path_applies, one_thread
+from ._blocked_fast import fast_attention, fast_path_applies
 from .reference import Groups, aggregate_groups, importance_scores, num_focus, split_focus, working_dtype
 
 __all__ = ["blocked_attention", "dense_attention", "BLOCK_SIZE"]
@@ -193,10 +193,9 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
     group_logit = cfg.group_bias * math.log(cfg.group_size)
     if fast_path_applies(q, k, v, attn_mask, dropout_p):
-        with one_thread() as threads:
-            focus, nonfocus, grp = _steps_1_to_4(q, k, v, None, is_causal, scale, cfg)
-            out = fast_attention(q, k, v, focus, nonfocus, grp, is_causal, scale, cfg.window, cfg.group_size,
-                                 group_logit, block_size, threads)
+        focus, nonfocus, grp = _steps_1_to_4(q, k, v, None, is_causal, scale, cfg)
+        out = fast_attention(q, k, v, focus, nonfocus, grp, is_causal, scale, cfg.window, cfg.group_size,
+                             group_logit, block_size)
         return out.to(out_dtype)
     mask = mask_4d(attn_mask)
     window = is_causal or causal_like(mask, False)
