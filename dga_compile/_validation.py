@@ -82,6 +82,11 @@ def _validate_mask_shape(attn_mask, q, k):
                          f"[B, Hq, Nq, Nk] = {list(target)}")
 
 
+def finite_bias(attn_mask: Tensor) -> Tensor:
+    """Bool, same shape: entries of an additive mask that are neither 0 nor masked (NaN included)."""
+    return (attn_mask != 0) & ~(attn_mask <= MASKED_BELOW)
+
+
 def mask_to_visible(attn_mask: Tensor) -> Tensor:
     """Bool view of a mask (True = may attend), same shape.
 
@@ -90,7 +95,7 @@ def mask_to_visible(attn_mask: Tensor) -> Tensor:
     """
     if attn_mask.dtype == torch.bool:
         return attn_mask
-    bias = (attn_mask != 0) & ~(attn_mask <= MASKED_BELOW)  # NaN counts as a bias too
+    bias = finite_bias(attn_mask)
     if bool(bias.any()):
         bad = attn_mask[bias].flatten()[:3].tolist()
         raise ValueError(f"attn_mask holds finite additive biases such as {bad}; DGA accepts only 0 "

@@ -15,9 +15,11 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
+from .._validation import MASKED_BELOW
+
 aten = torch.ops.aten
 
-_ATTEND, _MASKED = 0.0, -1e4  # additive mask values: 0 attends, ≤ _MASKED is masked (spec: ≤ −1e4)
+_ATTEND = 0.0  # additive mask value that attends; ≤ MASKED_BELOW is masked
 
 
 def family(*targets) -> frozenset:
@@ -145,7 +147,7 @@ def constant(x: Any) -> Optional[float]:
 
 
 def is_masked_value(c: Optional[float]) -> bool:
-    return c is not None and c <= _MASKED
+    return c is not None and c <= MASKED_BELOW
 
 
 def is_zero(c: Optional[float]) -> bool:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .. import ops  # noqa: F401  (registers torch.ops.dga.*)
 from ..config import DGAConfig
+from .._validation import finite_bias
 from . import _graph as g
 from ._graph import aten
 from ._report import RewriteReport, Site
@@ -219,7 +220,7 @@ def _mask_kind(x: Any, consts: dict, depth: int) -> str:
         return "bool"
     if x.name in consts:
         t = consts[x.name]
-        return "bool" if t.dtype == torch.bool else ("additive" if bool(((t == 0) | (t <= g._MASKED)).all()) else "bias")
+        return "bool" if t.dtype == torch.bool else ("bias" if bool(finite_bias(t).any()) else "additive")
     if x.op == "placeholder":
         return "input"
     c = g.constant(x)
