@@ -135,13 +135,18 @@ def _kv_rep(x: Tensor, rep: int) -> Tensor:
     return x.repeat_interleave(rep, 1) if rep > 1 else x
 
 
+def _focus_split(q, k, vis, scale, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
+    """The op's steps 1–2 in float32: (focus, non-focus) positions [B, Hkv, ·]."""
+    scores = importance_scores(q.float(), k.float(), vis, scale or q.shape[-1] ** -0.5, cfg.num_probe)
+    return split_focus(scores, num_focus(cfg.focus_ratio, k.shape[2]))
+
+
 def _dga_cost(q, k, vis, is_causal, scale, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
     """([B, Hq, Nq] keys DGA scores per query, [B, Hq, Nq] dense), from the same focus split as the op."""
     B, Hq, nq, _ = q.shape
     hkv, nk, m = k.shape[1], k.shape[2], cfg.group_size
     dense = _visible_counts(vis, B, Hq, nq, nk)
-    _, nonfocus = split_focus(importance_scores(q.float(), k.float(), vis, scale or q.shape[-1] ** -0.5,
-                                                cfg.num_probe), num_focus(cfg.focus_ratio, nk))
+    _, nonfocus = _focus_split(q, k, vis, scale, cfg)
     G = nonfocus.shape[-1] // m
     members = nonfocus[..., :G * m].reshape(B, hkv, G, m)
     complete = torch.zeros(B, Hq, nq)
@@ -167,8 +172,7 @@ def _kept_keys(method: Method, q, k, vis, is_causal, scale) -> Tensor:
     if method.kind == "streaming":
         return (keep | (j < method.sinks))[None, None]
     cfg = method.config
-    focus, _ = split_focus(importance_scores(q.float(), k.float(), vis, scale or q.shape[-1] ** -0.5,
-                                             cfg.num_probe), num_focus(cfg.focus_ratio, nk))
+    focus, _ = _focus_split(q, k, vis, scale, cfg)
     is_focus = torch.zeros(k.shape[0], k.shape[1], nk, dtype=torch.bool, device=q.device).scatter_(-1, focus, True)
     return keep[None, None] | _kv_rep(is_focus, q.shape[1] // k.shape[1])[:, :, None, :]
 
