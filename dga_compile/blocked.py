@@ -6,8 +6,9 @@ and the slice of raw non-focus tokens, concatenated and passed with an additive 
 and β·log m on group columns) to one fused `scaled_dot_product_attention` call. No Nq×Nk
 matrix is ever built: memory is O(N·(n_f + G + block)).
 
-Without ``attn_mask``, dropout or autograd on the CPU, step 5 takes the faster route of
-`_blocked_fast` (flash-attention calls over slices with small or no masks, merged by
+Without autograd or dropout on the CPU, the whole call runs in the C++ kernel of `_extension`
+(csrc/core/, built by the set-up). Without it, calls without ``attn_mask`` take the faster route
+of `_blocked_fast` (flash-attention calls over slices with small or no masks, merged by
 log-sum-exp); the loop here is the differentiable path and the one for masks.
 """
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _extension
 from .config import DGAConfig
 from ._validation import causal_like, dga_applies, mask_4d, visible_rows
 from ._blocked_fast import fast_attention, fast_path_applies
@@ -181,7 +183,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
                       block_size: int = BLOCK_SIZE) -> Tensor:
     """DGA, blocked. Same contract as `reference_attention`; differentiable (autograd).
 
-    Inputs needing no grad, with no mask and no dropout, on the CPU, take `_blocked_fast`.
+    Inputs needing no grad, without dropout, on the CPU, run in the C++ kernel (`_extension`)
+    when it is built; else those without a mask take `_blocked_fast`.
     """
     cfg = config or DGAConfig()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -190,6 +193,10 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     Hkv, Nk = k.shape[1], k.shape[2]
     if not dga_applies(Nq, Nk, cfg.min_seq_len):
         return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
+    if _extension.applies(q, k, v, dropout_p):
+        mask = mask_4d(attn_mask)
+        local_window = is_causal or causal_like(mask, False)
+        return _extension.attention(q, k, v, mask, is_causal, local_window, scale, cfg).to(out_dtype)
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
     group_logit = cfg.group_bias * math.log(cfg.group_size)
     if fast_path_applies(q, k, v, attn_mask, dropout_p):

@@ -8,6 +8,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,6 +27,16 @@ namespace {
 constexpr const char* DOMAIN = "ai.dga";
 constexpr const char* OP_TYPE = "DynamicGroupAttention";
 
+// The shortest decimal that rounds to the float32 ``x``, as a double (what the exporter started from).
+inline double shortest_decimal(float x) {
+  char buf[32];
+  for (int digits = 1; digits < 10; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
+    if (std::strtof(buf, nullptr) == x) break;
+  }
+  return std::strtod(buf, nullptr);
+}
+
 template <typename T>
 T attribute_or(const OrtKernelInfo* info, const char* name, T fallback) {
   try {
@@ -38,7 +49,8 @@ T attribute_or(const OrtKernelInfo* info, const char* name, T fallback) {
 // The node's attributes; a missing one takes DGAConfig's default.
 dga::Params read_params(const OrtKernelInfo* info) {
   dga::Params p;
-  p.focus_ratio = attribute_or<float>(info, "focus_ratio", p.focus_ratio);
+  // The float32 attribute read back as its shortest decimal (0.1f -> 0.1), the Python float γ.
+  p.focus_ratio = shortest_decimal(attribute_or<float>(info, "focus_ratio", 0.1f));
   p.group_size = attribute_or<int64_t>(info, "group_size", p.group_size);
   p.num_probe = attribute_or<int64_t>(info, "num_probe", p.num_probe);
   p.window = attribute_or<int64_t>(info, "window", p.window);
@@ -46,7 +58,7 @@ dga::Params read_params(const OrtKernelInfo* info) {
   p.min_seq_len = attribute_or<int64_t>(info, "min_seq_len", p.min_seq_len);
   p.is_causal = attribute_or<int64_t>(info, "is_causal", 0) != 0;
   p.scale = attribute_or<float>(info, "scale", 0.0f);
-  if (!(p.focus_ratio >= 0.0f && p.focus_ratio <= 1.0f) || p.group_size < 1 || p.num_probe < 1 ||
+  if (!(p.focus_ratio >= 0.0 && p.focus_ratio <= 1.0) || p.group_size < 1 || p.num_probe < 1 ||
       p.window < 0 || !(p.group_bias >= 0.0f) || p.min_seq_len < 0)
     ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention: attributes out of range (focus_ratio=" +
                           std::to_string(p.focus_ratio) + " in [0,1], group_size=" + std::to_string(p.group_size) +

@@ -17,28 +17,22 @@ import glob
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 from typing import Optional
 
+from .._cxx import CSRC, CXXFLAGS, REPO, NativeBuildError, compiler, run, staged, up_to_date
 from ..cli import CLIError
 
 __all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library",
            "NativeBuildError", "add_parser"]
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-_SOURCES = _REPO / "csrc" / "ort"
-_CACHE = _REPO / ".cache" / "ort-headers"
-_LIBRARY = _REPO / "build" / "ort" / "libdga_ort.so"
+_SOURCES = (CSRC / "ort", CSRC / "core")
+_CACHE = REPO / ".cache" / "ort-headers"
+_LIBRARY = REPO / "build" / "ort" / "libdga_ort.so"
 _HEADERS_DEB = "libonnxruntime-dev"
 _APT_SOURCE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n"
-_CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-Wall"]
-
-
-class NativeBuildError(RuntimeError):
-    """The library could not be built (no compiler, no headers, a compile error); the message says why."""
-
+_CXXFLAGS = ["-std=c++17", *CXXFLAGS]
 
 def library_path() -> Optional[pathlib.Path]:
     """The built library (``$DGA_ORT_LIBRARY`` if set), or None when it has not been built."""
@@ -80,24 +74,17 @@ def _fetch_headers(dest: pathlib.Path) -> None:
                 f"-oDir::Etc::Preferences={root}/etc/preferences",
                 f"-oDir::Etc::PreferencesParts={root}/etc/preferences.d", "-oDebug::NoLocking=1",
                 "-oAPT::Architecture=amd64", "-oAcquire::Languages=none", "-oAPT::Sandbox::User=root"]
-        _run(["apt-get", *opts, "-q", "update"], "apt-get update (Debian trixie index)", cwd=root)
-        _run(["apt-get", *opts, "download", _HEADERS_DEB], f"apt-get download {_HEADERS_DEB}", cwd=root)
+        run(["apt-get", *opts, "-q", "update"], "apt-get update (Debian trixie index)", cwd=root)
+        run(["apt-get", *opts, "download", _HEADERS_DEB], f"apt-get download {_HEADERS_DEB}", cwd=root)
         debs = glob.glob(str(root / f"{_HEADERS_DEB}_*.deb"))
         if not debs:
             raise NativeBuildError(f"apt-get download produced no {_HEADERS_DEB} .deb in {root}")
         staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        _run(["dpkg", "-x", debs[0], str(staging)], "dpkg -x")
+        run(["dpkg", "-x", debs[0], str(staging)], "dpkg -x")
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
-
-
-def _run(cmd: list[str], what: str, cwd=None) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise NativeBuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
 def _nvcc() -> Optional[str]:
@@ -111,30 +98,23 @@ def build_library(include_dir: Optional[str | os.PathLike] = None, force: bool =
     Skips the build when the library is newer than every source, unless ``force``. Fetches the
     headers first if needed. Raises `NativeBuildError` with the reason on failure.
     """
-    sources = sorted(_SOURCES.glob("*"))
-    if not force and _LIBRARY.is_file() and _LIBRARY.stat().st_mtime > max(p.stat().st_mtime for p in sources):
+    if not force and up_to_date(_LIBRARY, _SOURCES):
         return _LIBRARY
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise NativeBuildError("no C++ compiler found (g++/c++); install one or set CXX")
+    cxx = compiler()
     include = header_dir(include_dir)
-    _LIBRARY.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dga-ort-build-") as tmp:
-        staged = pathlib.Path(tmp) / _LIBRARY.name
-        cxx_sources = [str(_SOURCES / "dga_op.cc"), str(_SOURCES / "dga_cpu.cc")]
+    with staged(_LIBRARY) as target:
+        cxx_sources = [str(CSRC / "ort" / "dga_op.cc"), str(CSRC / "core" / "dga_cpu.cc")]
         nvcc = _nvcc()
         if nvcc is None:
-            _run([cxx, *_CXXFLAGS, "-shared", f"-I{include}", *cxx_sources, "-o", str(staged)],
-                 f"{cxx} (custom-op library)")
+            run([cxx, *_CXXFLAGS, "-shared", f"-I{include}", *cxx_sources, "-o", str(target)],
+                f"{cxx} (custom-op library)")
         else:  # nvcc links, so that it finds its static CUDA runtime; nothing needs libcudart.so at load
-            objects = [str(pathlib.Path(tmp) / "dga_op.o"), str(pathlib.Path(tmp) / "dga_cpu.o"),
-                       str(pathlib.Path(tmp) / "dga_cuda.o")]
+            objects = [str(target.with_name(name)) for name in ("dga_op.o", "dga_cpu.o", "dga_cuda.o")]
             for src, obj in zip(cxx_sources, objects):
-                _run([cxx, *_CXXFLAGS, "-DDGA_WITH_CUDA", f"-I{include}", "-c", src, "-o", obj], f"{cxx} {src}")
-            _run([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-c",
-                  str(_SOURCES / "dga_cuda.cu"), "-o", objects[2]], "nvcc (CUDA kernel)")
-            _run([nvcc, "-shared", "-cudart", "static", *objects, "-o", str(staged)], "nvcc (link)")
-        shutil.move(str(staged), _LIBRARY)
+                run([cxx, *_CXXFLAGS, "-DDGA_WITH_CUDA", f"-I{include}", "-c", src, "-o", obj], f"{cxx} {src}")
+            run([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CSRC / 'core'}", "-c",
+                 str(CSRC / "ort" / "dga_cuda.cu"), "-o", objects[2]], "nvcc (CUDA kernel)")
+            run([nvcc, "-shared", "-cudart", "static", *objects, "-o", str(target)], "nvcc (link)")
     return _LIBRARY
 
 

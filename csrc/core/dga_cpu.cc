@@ -1,7 +1,9 @@
 // CPU DGA: steps 1-3 per (b, kv head), step 4 per (b, query head), step 5 per (b, query head,
-// block of BLOCK query rows) over the block's candidate keys: the visible focus prefix, the
-// complete-group prefix and the raw non-focus tokens some row of the block needs. Each block is
-// two small GEMMs (S = Q·Kcᵀ, O = P·Vc) with a 6×16 register tile and an exact row softmax.
+// block of BLOCK query rows) over the block's candidate keys in three segments: the visible focus
+// prefix, the complete-group prefix and the raw non-focus tokens some row of the block needs. Keys
+// and values sit in panels built once per head (keys transposed, zero-padded), so a block copies
+// nothing but its queries: S = Q·Kᵀ and O = P·V are register-tiled GEMMs per segment, with an
+// exact row softmax over the segments in between.
 #include "dga_cpu.h"
 
 #include <algorithm>
@@ -15,34 +17,45 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+// GEMM register tile: TILE_M rows × 2 vectors (8×32 with AVX-512, 6×16 with AVX2).
+#ifdef __AVX512F__
+constexpr int64_t VW = 16, TILE_M = 8;
+#else
+constexpr int64_t VW = 8, TILE_M = 6;
+#endif
+typedef float vec __attribute__((vector_size(VW * 4)));
+constexpr int64_t TILE_N = 2 * VW;
 
 constexpr int64_t BLOCK = 64;  // query rows per work item
-constexpr int64_t TILE_M = 6, TILE_N = 16;
-constexpr int64_t PROBE_ROWS = 66;  // probe rows scored per GEMM (a multiple of TILE_M)
+constexpr int64_t PROBE_ROWS = 16 * TILE_M;  // probe rows scored per GEMM
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
 void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
 v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+vec loadv(const float* p) { vec r; std::memcpy(&r, p, sizeof r); return r; }
+void storev(float* p, vec x) { std::memcpy(p, &x, sizeof x); }
 
-// C[M×N] = A[M×K]·B[K×N], row-major with leading dims; M % TILE_M == 0, N % TILE_N == 0.
+// C[M×N] (+)= A[M×K]·B[K×N], row-major with leading dims; M % TILE_M == 0, N % TILE_N == 0.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-          float* C, int64_t ldc) {
+          float* C, int64_t ldc, bool accumulate = false) {
   for (int64_t j = 0; j < N; j += TILE_N)
     for (int64_t i = 0; i < M; i += TILE_M) {
-      v8 acc[TILE_M][2] = {};
+      vec acc[TILE_M][2] = {};
       for (int64_t kk = 0; kk < K; ++kk) {
-        const v8 b0 = load8(B + kk * ldb + j), b1 = load8(B + kk * ldb + j + 8);
+        const vec b0 = loadv(B + kk * ldb + j), b1 = loadv(B + kk * ldb + j + VW);
         for (int r = 0; r < TILE_M; ++r) {
-          const v8 a = splat(A[(i + r) * lda + kk]);
+          const vec a = vec{} + A[(i + r) * lda + kk];
           acc[r][0] += a * b0;
           acc[r][1] += a * b1;
         }
       }
       for (int r = 0; r < TILE_M; ++r) {
-        store8(C + (i + r) * ldc + j, acc[r][0]);
-        store8(C + (i + r) * ldc + j + 8, acc[r][1]);
+        float* c = C + (i + r) * ldc + j;
+        if (accumulate) acc[r][0] += loadv(c), acc[r][1] += loadv(c + VW);
+        storev(c, acc[r][0]);
+        storev(c + VW, acc[r][1]);
       }
     }
 }
@@ -95,22 +108,49 @@ float softmax_numerators(float* row, int64_t n) {
   return s;
 }
 
-// Steps 1-3 for one (b, kv head): focus and non-focus positions (increasing) and their rows.
-struct Selection {
-  std::vector<int64_t> focus, nonfocus, anchors;
-  std::vector<int32_t> group_of;      // [Nk]: group index of a grouped position, else -1
-  std::vector<float> kf, vf, kn, vn;  // [n_f, D], [n_f, Dv], [Nn, D], [Nn, Dv]
+int64_t pad_n(int64_t n) { return round_up(n, TILE_N); }
+
+// Rows of k and v gathered for step 5: keys transposed (kt [D, cols]) and values [cols, dv_pad],
+// cols = rows + TILE_N, zero beyond the rows and beyond Dv, so a GEMM may read a padded tile of
+// any run of rows starting inside the panel.
+struct Panel {
+  std::vector<float> kt, v;
+  int64_t cols = 0;
+  // Row t of the panel is key_row(t) [D] / value_row(t) [Dv].
+  template <typename K, typename V>
+  void assign(int64_t rows, int64_t D, int64_t Dv, const K& key_row, const V& value_row) {
+    const int64_t dv_pad = pad_n(Dv);
+    cols = rows + TILE_N;
+    kt.assign(D * cols, 0.0f);
+    v.assign(cols * dv_pad, 0.0f);
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* kr = key_row(t);
+      for (int64_t d = 0; d < D; ++d) kt[d * cols + t] = kr[d];
+      std::memcpy(&v[t * dv_pad], value_row(t), Dv * sizeof(float));
+    }
+  }
 };
 
-void gather_rows(const float* x, int64_t width, const std::vector<int64_t>& idx, std::vector<float>& out) {
-  out.resize(idx.size() * width);
-  for (size_t t = 0; t < idx.size(); ++t) std::memcpy(&out[t * width], x + idx[t] * width, width * sizeof(float));
+// Steps 1-3 for one (b, kv head): focus and non-focus positions (increasing) and their panels.
+struct Selection {
+  std::vector<int64_t> focus, nonfocus, anchors;
+  std::vector<int32_t> group_of;  // [Nk]: group index of a grouped position, else -1
+  Panel f, n;                     // focus rows, non-focus rows (in non-focus order)
+};
+
+void build_panels(const Problem& pr, const float* kb, const float* vb, Selection& sel) {
+  auto panel = [&](Panel& p, const std::vector<int64_t>& pos) {
+    p.assign(static_cast<int64_t>(pos.size()), pr.D, pr.Dv, [&](int64_t t) { return kb + pos[t] * pr.D; },
+             [&](int64_t t) { return vb + pos[t] * pr.Dv; });
+  };
+  panel(sel.f, sel.focus);
+  panel(sel.n, sel.nonfocus);
 }
 
 // Step 1: s[j] = Σ_{h∈g} Σ_{p∈P} softmax_j(scale·q[h,p]·k[j] | Visible(p, j)); step 2: top n_f, ties by position.
 void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float* k, const float* v, Selection& sel) {
-  const int64_t D = pr.D, Dv = pr.Dv, Nk = pr.Nk, rep = pr.Hq / pr.Hkv;
-  const int64_t r = std::min(pr.p.num_probe, pr.Nq), rows = rep * r, nk_pad = round_up(Nk, TILE_N);
+  const int64_t D = pr.D, Nk = pr.Nk, rep = pr.Hq / pr.Hkv;
+  const int64_t r = std::min(pr.p.num_probe, pr.Nq), rows = rep * r, nk_pad = pad_n(Nk);
   const float* kb = k + (b * pr.Hkv + g) * Nk * D;
   std::vector<float> kt(D * nk_pad, 0.0f), probes(PROBE_ROWS * D), logits(PROBE_ROWS * nk_pad);
   for (int64_t j = 0; j < Nk; ++j)
@@ -151,25 +191,30 @@ void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float
     sel.anchors[gi] = sel.nonfocus[gi * m + m - 1];
     for (int64_t t = gi * m; t < gi * m + m; ++t) sel.group_of[sel.nonfocus[t]] = static_cast<int32_t>(gi);
   }
-  const float* vb = v + (b * pr.Hkv + g) * Nk * Dv;
-  gather_rows(kb, D, sel.focus, sel.kf);
-  gather_rows(vb, Dv, sel.focus, sel.vf);
-  gather_rows(kb, D, sel.nonfocus, sel.kn);
-  gather_rows(vb, Dv, sel.nonfocus, sel.vn);
+  build_panels(pr, kb, v + (b * pr.Hkv + g) * Nk * pr.Dv, sel);
 }
 
-// Step 4 for one query head: w = softmax_{j∈g}(scale·q[a(g)]·k[j]); K̄ = Σ w·k[j], V̄ = Σ w·v[j].
-void aggregate(const Problem& pr, const float* qh, const Selection& sel, std::vector<float>& kbar, std::vector<float>& vbar) {
+// Exact attention as one "selection": every key is a raw non-focus token, no focus, no group.
+void select_all(const Problem& pr, int64_t b, int64_t g, const float* k, const float* v, Selection& sel) {
+  sel.focus.clear();
+  sel.anchors.clear();
+  sel.nonfocus.resize(pr.Nk);
+  std::iota(sel.nonfocus.begin(), sel.nonfocus.end(), 0);
+  build_panels(pr, k + (b * pr.Hkv + g) * pr.Nk * pr.D, v + (b * pr.Hkv + g) * pr.Nk * pr.Dv, sel);
+}
+
+// Step 4 for one query head: w = softmax_{j∈g}(scale·q[a(g)]·k[j]); K̄ = Σ w·k[j], V̄ = Σ w·v[j] (a panel).
+void aggregate(const Problem& pr, const float* qh, const float* kb, const float* vb, const Selection& sel,
+               Panel& groups) {
   const int64_t D = pr.D, Dv = pr.Dv, m = pr.p.group_size, G = static_cast<int64_t>(sel.anchors.size());
   const float scale = pr.scale();
-  kbar.assign(G * D, 0.0f);
-  vbar.assign(G * Dv, 0.0f);
-  std::vector<float> w(m);
+  std::vector<float> kbar(G * D, 0.0f), vbar(G * Dv, 0.0f), w(m);
   for (int64_t gi = 0; gi < G; ++gi) {
     const float* qa = qh + sel.anchors[gi] * D;
+    const int64_t* members = &sel.nonfocus[gi * m];
     float mx = NEG_INF;
     for (int64_t t = 0; t < m; ++t) {
-      const float* kr = &sel.kn[(gi * m + t) * D];
+      const float* kr = kb + members[t] * D;
       float dot = 0.0f;
       for (int64_t d = 0; d < D; ++d) dot += qa[d] * kr[d];
       w[t] = scale * dot;
@@ -178,93 +223,97 @@ void aggregate(const Problem& pr, const float* qh, const Selection& sel, std::ve
     float sum = 0.0f;
     for (int64_t t = 0; t < m; ++t) sum += (w[t] = std::exp(w[t] - mx));
     for (int64_t t = 0; t < m; ++t) {
-      const float wt = w[t] / sum;
-      for (int64_t d = 0; d < D; ++d) kbar[gi * D + d] += wt * sel.kn[(gi * m + t) * D + d];
-      for (int64_t d = 0; d < Dv; ++d) vbar[gi * Dv + d] += wt * sel.vn[(gi * m + t) * Dv + d];
+      const float wt = w[t] / sum, *kr = kb + members[t] * D, *vr = vb + members[t] * Dv;
+      for (int64_t d = 0; d < D; ++d) kbar[gi * D + d] += wt * kr[d];
+      for (int64_t d = 0; d < Dv; ++d) vbar[gi * Dv + d] += wt * vr[d];
     }
   }
+  groups.assign(G, D, Dv, [&](int64_t t) { return &kbar[t * D]; }, [&](int64_t t) { return &vbar[t * Dv]; });
 }
 
-// The keys one query block may use: rows of k/v with an additive bias, and per (row, key) permission.
-struct Candidates {
-  std::vector<const float*> krow, vrow;
-  std::vector<float> bias;
-  std::vector<char> ok;  // [BLOCK, L]
-  void clear() { krow.clear(); vrow.clear(); bias.clear(); }
-  void add(const float* kr, const float* vr, float b) { krow.push_back(kr); vrow.push_back(vr); bias.push_back(b); }
-  int64_t size() const { return static_cast<int64_t>(krow.size()); }
+// One run of candidate keys: `count` consecutive rows of a panel from row `first`, with an additive bias.
+struct Segment {
+  const Panel* panel = nullptr;
+  int64_t first = 0, count = 0;
+  float bias = 0.0f;
 };
 
-// Scratch reused by the work items one thread runs.
+// Scratch reused by the work items one thread runs. The block's candidates are the segments
+// focus, groups, raw, laid side by side in S with each padded to TILE_N columns; ok[row, column]
+// says whether the row may use that candidate (0 on padding).
 struct Scratch {
-  Candidates cand;
-  std::vector<float> qb, kt, vc, s, o;
+  Segment seg[3];
+  int64_t width = 0;  // Σ pad_n(count)
+  std::vector<char> ok;
+  Panel raw_panel;  // raw tokens of a masked block, gathered
+  std::vector<float> qb, s, o, sums;
   std::vector<char> complete, need;
   std::vector<int64_t> raw;
   std::vector<char> mask_all;
   const bool* mask_all_row = nullptr;
-};
 
-// Dense attention rows [i0, i1) of head (b, h): every key j visible to some row is a candidate.
-void candidates_dense(const Problem& pr, int64_t b, int64_t h, int64_t i0, int64_t i1, const float* kh,
-                      const float* vh, Candidates& c) {
-  const int64_t jmax = pr.p.is_causal ? std::min(i1, pr.Nk) : pr.Nk;
-  c.clear();
-  for (int64_t j = 0; j < jmax; ++j) c.add(kh + j * pr.D, vh + j * pr.Dv, 0.0f);
-  c.ok.assign((i1 - i0) * jmax, 0);
-  for (int64_t i = i0; i < i1; ++i) {
-    const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
-    for (int64_t j = 0; j < jmax; ++j) c.ok[(i - i0) * jmax + j] = pr.visible(mrow, i, j);
+  int64_t offset(int which) const {
+    int64_t off = 0;
+    for (int t = 0; t < which; ++t) off += pad_n(seg[t].count);
+    return off;
   }
-}
+  void layout(int64_t rows) {
+    width = offset(3);
+    ok.assign(rows * width, 0);
+  }
+};
 
 int64_t count_le(const std::vector<int64_t>& sorted, int64_t x) {
   return std::upper_bound(sorted.begin(), sorted.end(), x) - sorted.begin();
 }
 
-// The block's candidate rows: the focus prefix, the group prefix, then the raw tokens sc.raw.
-void emit_candidates(const Problem& pr, const Selection& sel, const std::vector<float>& kbar,
-                     const std::vector<float>& vbar, int64_t focus_len, int64_t n_group, int64_t rows, Scratch& sc) {
-  const int64_t D = pr.D, Dv = pr.Dv;
-  const float group_logit = pr.p.group_bias * std::log(static_cast<float>(pr.p.group_size));
-  Candidates& c = sc.cand;
-  c.clear();
-  for (int64_t t = 0; t < focus_len; ++t) c.add(&sel.kf[t * D], &sel.vf[t * Dv], 0.0f);
-  for (int64_t gi = 0; gi < n_group; ++gi) c.add(&kbar[gi * D], &vbar[gi * Dv], group_logit);
-  for (int64_t t : sc.raw) c.add(&sel.kn[t * D], &sel.vn[t * Dv], 0.0f);
-  c.ok.assign(rows * c.size(), 0);
+// Dense attention rows [i0, i1) (sel from select_all): every key j visible to some row is a candidate.
+void candidates_dense(const Problem& pr, int64_t b, int64_t h, int64_t i0, int64_t i1, const Selection& sel,
+                      Scratch& sc) {
+  const int64_t jmax = pr.p.is_causal ? std::min(i1, pr.Nk) : pr.Nk;
+  sc.seg[0] = sc.seg[1] = Segment{};
+  sc.seg[2] = Segment{&sel.n, 0, jmax, 0.0f};
+  sc.layout(i1 - i0);
+  for (int64_t i = i0; i < i1; ++i) {
+    const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
+    char* ok = &sc.ok[(i - i0) * sc.width];
+    for (int64_t j = 0; j < jmax; ++j) ok[j] = pr.visible(mrow, i, j);
+  }
 }
 
 // DGA step 5 candidates without a mask: per row, each kind of candidate is an interval (docs/dga.md,
 // "Cost"): causal rows see the focus prefix <= i, the groups with a(g) <= i - w, and the raw
 // tokens after those groups up to i; non-causal rows see every focus token, every group, the tail.
 void candidates_unmasked(const Problem& pr, bool window, int64_t i0, int64_t i1, const Selection& sel,
-                         const std::vector<float>& kbar, const std::vector<float>& vbar, Scratch& sc) {
-  const int64_t m = pr.p.group_size, w = pr.p.window, rows = i1 - i0;
+                         const Panel& groups, float group_logit, Scratch& sc) {
+  const int64_t m = pr.p.group_size, w = pr.p.window;
   const int64_t Nn = static_cast<int64_t>(sel.nonfocus.size()), G = static_cast<int64_t>(sel.anchors.size());
   const int64_t focus_len = window ? count_le(sel.focus, i1 - 1) : static_cast<int64_t>(sel.focus.size());
   const int64_t n_group = window ? count_le(sel.anchors, i1 - 1 - w) : G;
   const int64_t raw_start = window ? count_le(sel.anchors, i0 - w) * m : G * m;
   const int64_t raw_stop = window ? count_le(sel.nonfocus, i1 - 1) : Nn;
-  sc.raw.resize(std::max<int64_t>(raw_stop - raw_start, 0));
-  std::iota(sc.raw.begin(), sc.raw.end(), raw_start);
-  emit_candidates(pr, sel, kbar, vbar, focus_len, n_group, rows, sc);
-  const int64_t L = sc.cand.size(), n_raw = static_cast<int64_t>(sc.raw.size());
+  const int64_t n_raw = std::max<int64_t>(raw_stop - raw_start, 0);
+  sc.seg[0] = Segment{&sel.f, 0, focus_len, 0.0f};
+  sc.seg[1] = Segment{&groups, 0, n_group, group_logit};
+  sc.seg[2] = Segment{&sel.n, raw_start, n_raw, 0.0f};
+  sc.layout(i1 - i0);
+  const int64_t group_at = sc.offset(1), raw_at = sc.offset(2);
   for (int64_t i = i0; i < i1; ++i) {
-    char* ok = &sc.cand.ok[(i - i0) * L];
+    char* ok = &sc.ok[(i - i0) * sc.width];
     const int64_t f = window ? count_le(sel.focus, i) : focus_len;
     const int64_t g = window ? count_le(sel.anchors, i - w) : n_group;
     const int64_t r0 = std::min(std::max(g * m - raw_start, int64_t(0)), n_raw);
     const int64_t r1 = window ? count_le(sel.nonfocus, i) - raw_start : n_raw;
     std::memset(ok, 1, f);
-    std::memset(ok + focus_len, 1, g);
-    if (r1 > r0) std::memset(ok + focus_len + n_group + r0, 1, r1 - r0);
+    std::memset(ok + group_at, 1, g);
+    if (r1 > r0) std::memset(ok + raw_at + r0, 1, r1 - r0);
   }
 }
 
 // DGA step 5 candidates with a mask: completeness and raw needs are read off the mask rows.
 void candidates_masked(const Problem& pr, bool window, int64_t b, int64_t h, int64_t i0, int64_t i1,
-                       const Selection& sel, const std::vector<float>& kbar, const std::vector<float>& vbar, Scratch& sc) {
+                       const Selection& sel, const Panel& groups, float group_logit, const float* kb,
+                       const float* vb, Scratch& sc) {
   const int64_t m = pr.p.group_size, w = pr.p.window, rows = i1 - i0;
   const int64_t n_f = static_cast<int64_t>(sel.focus.size()), Nn = static_cast<int64_t>(sel.nonfocus.size());
   const int64_t G = static_cast<int64_t>(sel.anchors.size());
@@ -317,47 +366,56 @@ void candidates_masked(const Problem& pr, bool window, int64_t b, int64_t h, int
   sc.raw.clear();
   for (int64_t t = 0; t < Nn; ++t)
     if (sc.need[t]) sc.raw.push_back(t);
+  const int64_t n_raw = static_cast<int64_t>(sc.raw.size());
+  sc.raw_panel.assign(n_raw, pr.D, pr.Dv, [&](int64_t u) { return kb + sel.nonfocus[sc.raw[u]] * pr.D; },
+                      [&](int64_t u) { return vb + sel.nonfocus[sc.raw[u]] * pr.Dv; });
   const int64_t focus_len = window ? count_le(sel.focus, i1 - 1) : n_f;
-  emit_candidates(pr, sel, kbar, vbar, focus_len, n_group, rows, sc);
-  const int64_t L = sc.cand.size();
+  sc.seg[0] = Segment{&sel.f, 0, focus_len, 0.0f};
+  sc.seg[1] = Segment{&groups, 0, n_group, group_logit};
+  sc.seg[2] = Segment{&sc.raw_panel, 0, n_raw, 0.0f};
+  sc.layout(rows);
+  const int64_t group_at = sc.offset(1), raw_at = sc.offset(2);
   for (int64_t i = i0; i < i1; ++i) {
     const bool* mrow = pr.mask_row(b, h, i);
-    char* ok = &sc.cand.ok[(i - i0) * L];
+    char* ok = &sc.ok[(i - i0) * sc.width];
     for (int64_t t = 0; t < focus_len; ++t) ok[t] = pr.visible(mrow, i, sel.focus[t]);
-    for (int64_t gi = 0; gi < n_group; ++gi) ok[focus_len + gi] = sc.complete[(i - i0) * G + gi];
-    for (size_t u = 0; u < sc.raw.size(); ++u) ok[focus_len + n_group + u] = raw_ok(mrow, i, sc.raw[u]);
+    for (int64_t gi = 0; gi < n_group; ++gi) ok[group_at + gi] = sc.complete[(i - i0) * G + gi];
+    for (int64_t u = 0; u < n_raw; ++u) ok[raw_at + u] = raw_ok(mrow, i, sc.raw[u]);
   }
 }
 
-// out rows [i0, i1) of one head = softmax(scale·Q·Kcᵀ + bias | ok)·Vc over the candidates.
+// out rows [i0, i1) of one head = softmax(scale·Q·Kᵀ + bias | ok)·V over the block's segments.
 void attend(const Problem& pr, const float* qh, int64_t i0, int64_t i1, Scratch& sc, float* outh) {
-  const Candidates& c = sc.cand;
-  const int64_t D = pr.D, Dv = pr.Dv, rows = i1 - i0, L = c.size();
-  const int64_t rows_pad = round_up(rows, TILE_M), l_pad = round_up(std::max<int64_t>(L, 1), TILE_N);
-  const int64_t dv_pad = round_up(Dv, TILE_N);
-  sc.qb.assign(rows_pad * D, 0.0f);
-  std::memcpy(sc.qb.data(), qh + i0 * D, rows * D * sizeof(float));
-  sc.kt.assign(D * l_pad, 0.0f);
-  sc.vc.assign(l_pad * dv_pad, 0.0f);
-  for (int64_t t = 0; t < L; ++t) {
-    for (int64_t d = 0; d < D; ++d) sc.kt[d * l_pad + t] = c.krow[t][d];
-    std::memcpy(&sc.vc[t * dv_pad], c.vrow[t], Dv * sizeof(float));
-  }
-  sc.s.resize(rows_pad * l_pad);
-  gemm(rows_pad, l_pad, D, sc.qb.data(), D, sc.kt.data(), l_pad, sc.s.data(), l_pad);
+  const int64_t D = pr.D, Dv = pr.Dv, rows = i1 - i0, W = sc.width;
+  const int64_t rows_pad = round_up(rows, TILE_M), dv_pad = pad_n(Dv);
   const float scale = pr.scale();
-  std::vector<float> sums(rows_pad, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* srow = &sc.s[r * l_pad];
-    const char* ok = &c.ok[r * L];
-    for (int64_t t = 0; t < l_pad; ++t) srow[t] = t < L && ok[t] ? scale * srow[t] + c.bias[t] : NEG_INF;
-    sums[r] = softmax_numerators(srow, l_pad);
+  sc.qb.assign(rows_pad * D, 0.0f);
+  for (int64_t t = 0; t < rows * D; ++t) sc.qb[t] = scale * qh[i0 * D + t];
+  sc.s.assign(rows_pad * W, 0.0f);
+  for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
+    const Segment& g = sc.seg[which];
+    if (g.count > 0)
+      gemm(rows_pad, pad_n(g.count), D, sc.qb.data(), D, g.panel->kt.data() + g.first, g.panel->cols, &sc.s[at], W);
   }
-  for (int64_t r = rows; r < rows_pad; ++r) std::fill(&sc.s[r * l_pad], &sc.s[(r + 1) * l_pad], 0.0f);
-  sc.o.resize(rows_pad * dv_pad);
-  gemm(rows_pad, dv_pad, l_pad, sc.s.data(), l_pad, sc.vc.data(), dv_pad, sc.o.data(), dv_pad);
+  sc.sums.assign(rows_pad, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    const float inv = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
+    float* srow = &sc.s[r * W];
+    const char* ok = &sc.ok[r * W];
+    for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
+      const float bias = sc.seg[which].bias;
+      for (int64_t t = at; t < at + pad_n(sc.seg[which].count); ++t) srow[t] = ok[t] ? srow[t] + bias : NEG_INF;
+    }
+    sc.sums[r] = softmax_numerators(srow, W);
+  }
+  sc.o.assign(rows_pad * dv_pad, 0.0f);
+  for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
+    const Segment& g = sc.seg[which];
+    if (g.count > 0)
+      gemm(rows_pad, dv_pad, pad_n(g.count), &sc.s[at], W, g.panel->v.data() + g.first * dv_pad, dv_pad,
+           sc.o.data(), dv_pad, /*accumulate=*/true);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = sc.sums[r] > 0.0f ? 1.0f / sc.sums[r] : 0.0f;
     for (int64_t d = 0; d < Dv; ++d) outh[(i0 + r) * Dv + d] = sc.o[r * dv_pad + d] * inv;
   }
 }
@@ -380,28 +438,37 @@ void attention_cpu(const Problem& pr, bool window, const float* q, const float* 
                    float* out, const ParallelFor& parallel_for) {
   const int64_t rep = pr.Hq / pr.Hkv, n_blocks = (pr.Nq + BLOCK - 1) / BLOCK;
   const bool dga = pr.dga_applies();
-  std::vector<Selection> sel(dga ? pr.B * pr.Hkv : 0);
-  std::vector<std::vector<float>> kbar(dga ? pr.B * pr.Hq : 0), vbar(kbar.size());
-  if (dga) {
-    parallel_for(sel.size(), [&](size_t bg) { select(pr, bg / pr.Hkv, bg % pr.Hkv, q, k, v, sel[bg]); });
-    parallel_for(kbar.size(), [&](size_t bh) {
-      aggregate(pr, q + bh * pr.Nq * pr.D, sel[bh / pr.Hq * pr.Hkv + bh % pr.Hq / rep], kbar[bh], vbar[bh]);
-    });
-  }
-  parallel_for(pr.B * pr.Hq * n_blocks, [&](size_t item) {
+  const float group_logit = pr.p.group_bias * std::log(static_cast<float>(pr.p.group_size));
+  std::vector<Selection> sel(pr.B * pr.Hkv);
+  std::vector<Panel> groups(dga ? pr.B * pr.Hq : 0);
+  auto kv = [&](const float* x, int64_t bg, int64_t width) { return x + bg * pr.Nk * width; };
+  parallel_for(sel.size(), [&](size_t bg) {
+    if (dga)
+      select(pr, bg / pr.Hkv, bg % pr.Hkv, q, k, v, sel[bg]);
+    else
+      select_all(pr, bg / pr.Hkv, bg % pr.Hkv, k, v, sel[bg]);
+  });
+  parallel_for(groups.size(), [&](size_t bh) {
+    const size_t bg = bh / pr.Hq * pr.Hkv + bh % pr.Hq / rep;
+    aggregate(pr, q + bh * pr.Nq * pr.D, kv(k, bg, pr.D), kv(v, bg, pr.Dv), sel[bg], groups[bh]);
+  });
+  // Items by head, then block; the last first, since a causal block's cost grows with its position.
+  const size_t total = pr.B * pr.Hq * n_blocks;
+  parallel_for(total, [&](size_t reversed) {
     thread_local Scratch sc;
     sc.mask_all_row = nullptr;
     sc.mask_all.clear();
-    const int64_t bh = item / n_blocks, b = bh / pr.Hq, h = bh % pr.Hq, g = h / rep;
+    const size_t item = total - 1 - reversed;
+    const int64_t bh = item / n_blocks, b = bh / pr.Hq, h = bh % pr.Hq, bg = b * pr.Hkv + h / rep;
     const int64_t i0 = item % n_blocks * BLOCK, i1 = std::min(i0 + BLOCK, pr.Nq);
-    const float* qh = q + bh * pr.Nq * pr.D;
-    if (dga && pr.mask == nullptr)
-      candidates_unmasked(pr, window, i0, i1, sel[b * pr.Hkv + g], kbar[bh], vbar[bh], sc);
-    else if (dga)
-      candidates_masked(pr, window, b, h, i0, i1, sel[b * pr.Hkv + g], kbar[bh], vbar[bh], sc);
+    if (!dga)
+      candidates_dense(pr, b, h, i0, i1, sel[bg], sc);
+    else if (pr.mask == nullptr)
+      candidates_unmasked(pr, window, i0, i1, sel[bg], groups[bh], group_logit, sc);
     else
-      candidates_dense(pr, b, h, i0, i1, k + (b * pr.Hkv + g) * pr.Nk * pr.D, v + (b * pr.Hkv + g) * pr.Nk * pr.Dv, sc.cand);
-    attend(pr, qh, i0, i1, sc, out + bh * pr.Nq * pr.Dv);
+      candidates_masked(pr, window, b, h, i0, i1, sel[bg], groups[bh], group_logit, kv(k, bg, pr.D),
+                        kv(v, bg, pr.Dv), sc);
+    attend(pr, q + bh * pr.Nq * pr.D, i0, i1, sc, out + bh * pr.Nq * pr.Dv);
   });
 }
 

@@ -4,24 +4,12 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 
 namespace dga {
 
-// The shortest decimal that rounds to the float32 ``x``, as a double (what the exporter started from).
-inline double shortest_decimal(float x) {
-  char buf[32];
-  for (int digits = 1; digits < 10; ++digits) {
-    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
-    if (std::strtof(buf, nullptr) == x) break;
-  }
-  return std::strtod(buf, nullptr);
-}
-
 // DGAConfig's numeric fields, as the node's attributes carry them.
 struct Params {
-  float focus_ratio = 0.1f;
+  double focus_ratio = 0.1;  // as the Python float γ (ONNX: from its float32 attribute)
   int64_t group_size = 16;
   int64_t num_probe = 64;
   int64_t window = 256;
@@ -42,10 +30,9 @@ struct Problem {
   float scale() const { return p.scale > 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(D)); }
   // dga_applies(): self-attention prefill of at least min_seq_len keys; else exact dense attention.
   bool dga_applies() const { return Nq == Nk && Nk >= (p.min_seq_len > 1 ? p.min_seq_len : 1); }
-  // n_f = ceil(γ·Nk) as reference.num_focus computes it from the Python float γ: the float32
-  // attribute is read back as its shortest decimal (0.1f -> 0.1), then γ·Nk is rounded to 9 decimals.
+  // n_f = ceil(γ·Nk) as reference.num_focus computes it: γ·Nk rounded to 9 decimals first.
   int64_t num_focus() const {
-    double x = std::round(shortest_decimal(p.focus_ratio) * static_cast<double>(Nk) * 1e9) / 1e9;
+    double x = std::round(p.focus_ratio * static_cast<double>(Nk) * 1e9) / 1e9;
     int64_t n = static_cast<int64_t>(std::ceil(x));
     return n < Nk ? n : Nk;
   }

@@ -1,0 +1,57 @@
+"""Building the native libraries from ``csrc/`` (the ONNX Runtime op, the PyTorch extension).
+
+Both are plain compiler calls at set-up time: each rebuilds only when a source is newer than
+the library, and builds into a temp dir first, so a failed build never leaves a broken library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from typing import Iterable, Iterator
+
+__all__ = ["REPO", "CSRC", "CXXFLAGS", "NativeBuildError", "run", "compiler", "up_to_date", "staged"]
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+CXXFLAGS = ["-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-Wall", f"-I{CSRC / 'core'}"]
+
+
+class NativeBuildError(RuntimeError):
+    """A library could not be built (no compiler, no headers, a compile error); the message says why."""
+
+
+def run(cmd: list[str], what: str, cwd=None) -> None:
+    """Runs ``cmd``; on failure raises `NativeBuildError` with ``what`` and the output's tail."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise NativeBuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def compiler() -> str:
+    """``$CXX``, else g++ or c++ on PATH."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler found (g++/c++); install one or set CXX")
+    return cxx
+
+
+def up_to_date(library: pathlib.Path, source_dirs: Iterable[pathlib.Path]) -> bool:
+    """Whether ``library`` exists and is newer than every file in ``source_dirs``."""
+    sources = [p for d in source_dirs for p in d.glob("*")]
+    return library.is_file() and library.stat().st_mtime > max(p.stat().st_mtime for p in sources)
+
+
+@contextlib.contextmanager
+def staged(library: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a temp path to build ``library`` into; moves it into place when the block succeeds."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dga-build-") as tmp:
+        target = pathlib.Path(tmp) / library.name
+        yield target
+        shutil.move(str(target), library)

@@ -1,0 +1,105 @@
+"""The PyTorch C++ extension (``csrc/torch/`` around the kernel in ``csrc/core/``): build and load.
+
+`blocked_attention` runs its no-grad CPU forward through it when it is built (the set-up builds
+it: ``python -m dga_compile._extension --build``); without it the PyTorch path runs. The library
+is built per torch version (``build/torch/``), because it links against torch's C++ ABI.
+``DGA_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import re
+import sys
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._cxx import CSRC, CXXFLAGS, REPO, NativeBuildError, compiler, run, staged, up_to_date
+
+__all__ = ["library_path", "build_extension", "available", "applies", "attention"]
+
+_SOURCES = (CSRC / "torch", CSRC / "core")
+#: Dtypes the kernel serves (it computes in float32, the working dtype of all three).
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def library_path() -> pathlib.Path:
+    """Where the library for this torch version lives (it may not exist yet)."""
+    tag = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
+    return REPO / "build" / "torch" / f"libdga_torch-{tag}.so"
+
+
+def build_extension(force: bool = False) -> pathlib.Path:
+    """Builds the library for the installed torch unless it is newer than every source.
+    Raises `NativeBuildError` with the reason on failure."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    library = library_path()
+    if not force and up_to_date(library, _SOURCES):
+        return library
+    cxx = compiler()
+    libs = library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    with staged(library) as target:
+        run([cxx, "-std=c++20", *CXXFLAGS, "-shared", *(f"-I{p}" for p in include_paths()),
+             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(CSRC / "torch" / "dga_torch.cc"), str(CSRC / "core" / "dga_cpu.cc"),
+             f"-L{libs}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libs}", "-o", str(target)],
+            f"{cxx} (PyTorch extension)")
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the extension is built for this torch and loaded (and not turned off by DGA_NATIVE=0)."""
+    if os.environ.get("DGA_NATIVE") == "0" or not library_path().is_file():
+        return False
+    torch.ops.load_library(str(library_path()))
+    return True
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """CPU, a dtype the kernel serves, no dropout and no autograd graph to record."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return (q.device.type == "cpu" and q.dtype in _DTYPES and dropout_p == 0 and not needs_grad and available())
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, local_window: bool,
+              scale: float, cfg, out: Optional[Tensor] = None) -> Tensor:
+    """DGA of one self-attention prefill in float32: q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv];
+    mask None or bool broadcastable to [B, Hq, N, N] (from `_validation.mask_4d`) -> [B, Hq, N, Dv].
+
+    ``local_window``: the spec's window rule applies (`_validation.causal_like`). ``out``, if
+    given, is written whole (tests pass a poisoned one)."""
+    q, k, v = (x.float().contiguous() for x in (q, k, v))
+    if out is None:
+        out = q.new_empty(q.shape[:3] + v.shape[3:])
+    torch.ops.dga_native.attention_cpu(q, k, v, mask, out, is_causal, local_window, scale, float(cfg.focus_ratio),
+                                       cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dga_compile._extension", description=__doc__.splitlines()[0])
+    parser.add_argument("--build", action="store_true", help="build the library for the installed torch")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--soft", action="store_true", help="on failure print the reason and exit 0")
+    args = parser.parse_args(argv)
+    if not args.build:
+        print(library_path() if library_path().is_file() else "not built")
+        return 0
+    try:
+        path = build_extension(args.force)
+    except NativeBuildError as err:
+        print(f"dga-compile: PyTorch extension not built (the PyTorch CPU path runs instead): {err}", file=sys.stderr)
+        return 0 if args.soft else 1
+    print(f"built {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The C++ CPU kernel (csrc/core/, PyTorch binding csrc/torch/, dga_compile/_extension.py) vs the reference."""
+
+import shutil
+
+import pytest
+import torch
+
+import dga_compile.blocked as blocked
+from dga_compile import DGAConfig, _extension, reference_attention
+from dga_compile._validation import causal_like, mask_4d
+from dga_compile.blocked import blocked_attention
+
+from dga_cases import MASK_KINDS, SMALL, TOL, make_mask, qkv, sdpa_golden
+
+pytestmark = pytest.mark.skipif(not _extension.available(), reason="the C++ extension is not built (make setup)")
+
+
+def test_built_when_a_compiler_is_present():
+    """The set-up builds the extension wherever it can: a missing one must be a missing compiler."""
+    import os
+    if os.environ.get("DGA_NATIVE") == "0" or (os.environ.get("CXX") is None and shutil.which("g++") is None):
+        pytest.skip("no compiler, or the extension is turned off")
+    assert _extension.library_path().is_file()
+
+
+def _native(q, k, v, mask, causal, cfg, scale=0.25):
+    """Runs the kernel into a NaN-poisoned output, so rows it failed to write show."""
+    m = mask_4d(mask)
+    out = torch.full(q.shape[:3] + v.shape[3:], float("nan"))
+    return _extension.attention(q, k, v, m, causal, causal or causal_like(m, False), scale, cfg, out=out)
+
+
+CASES = [  # id, B, Hq, Hkv, N, D, Dv, config changes on SMALL
+    pytest.param(2, 4, 2, 301, 32, 32, {}, id="B2-H4-KV2-N301-D32"),
+    pytest.param(1, 4, 1, 1000, 64, 64, dict(group_size=16, window=64, num_probe=32), id="B1-H4-KV1-N1000-D64-mqa"),
+    pytest.param(1, 2, 2, 1023, 80, 48, dict(group_size=16, window=100), id="B1-H2-N1023-D80-Dv48"),
+    pytest.param(3, 2, 2, 15, 16, 16, {}, id="B3-H2-N15-D16"),
+    pytest.param(1, 2, 1, 1, 8, 8, {}, id="B1-H2-KV1-N1-D8"),
+    pytest.param(1, 2, 2, 200, 256, 256, dict(window=0), id="B1-H2-N200-D256-w0"),
+    pytest.param(2, 2, 2, 150, 16, 16, dict(group_bias=0.0, focus_ratio=0.0), id="B2-H2-N150-D16-beta0-nofocus"),
+    pytest.param(1, 2, 2, 130, 16, 16, dict(window=500), id="B1-H2-N130-D16-w500"),
+]
+
+
+@pytest.mark.parametrize("mask", MASK_KINDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,Dv,changes", CASES)
+def test_matches_reference_fp32(B, Hq, Hkv, N, D, Dv, changes, causal, mask):
+    cfg = SMALL.replace(**changes)
+    q, k, v = qkv(B, Hq, Hkv, N, N, D, torch.float32, seed=N, Dv=Dv)
+    attn_mask = make_mask(mask, B, Hq, N, N, torch.float32, seed=N)
+    out = _native(q, k, v, attn_mask, causal, cfg)
+    ref = reference_attention(q, k, v, attn_mask, causal, 0.25, cfg)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("cfg", [SMALL.replace(focus_ratio=1.0), SMALL.replace(group_size=1)], ids=["gamma1", "m1"])
+@pytest.mark.parametrize("mask", ["none", "pad_left", "bool"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_exact_cases_equal_sdpa_B2_H4_KV2_N97_D16(cfg, causal, mask):
+    q, k, v = qkv(2, 4, 2, 97, 97, 16, torch.float32, seed=3)
+    attn_mask = make_mask(mask, 2, 4, 97, 97, torch.float32)
+    out = _native(q, k, v, attn_mask, causal, cfg)
+    torch.testing.assert_close(out, sdpa_golden(q, k, v, attn_mask, causal, 0.25), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mask", ["none", "pad_right"])
+def test_half_types_through_blocked_B2_H4_KV2_N257_D32(dtype, mask, monkeypatch):
+    """blocked_attention sends 16-bit inputs through the kernel (in float32) and returns their dtype."""
+    calls = []
+    real = _extension.attention
+    monkeypatch.setattr(blocked._extension, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = qkv(2, 4, 2, 257, 257, 32, dtype, seed=7)
+    attn_mask = make_mask(mask, 2, 4, 257, 257)
+    out = blocked_attention(q, k, v, attn_mask, True, 0.25, SMALL)
+    assert calls and out.dtype == dtype
+    torch.testing.assert_close(out, reference_attention(q, k, v, attn_mask, True, 0.25, SMALL), **TOL[dtype])
+
+
+def test_fully_masked_rows_give_zero_B1_H2_N120_D16():
+    q, k, v = qkv(1, 2, 2, 120, 120, 16, torch.float32, seed=4)
+    mask = torch.ones(1, 1, 120, 120, dtype=torch.bool)
+    mask[..., 50:53, :] = False
+    out = _native(q, k, v, mask, True, SMALL)
+    assert bool((out[:, :, 50:53] == 0).all()) and not out.isnan().any()
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.25, SMALL), **TOL[torch.float32])
+
+
+def test_non_contiguous_mask_and_inputs_B2_H4_KV2_N190_D16():
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 190, 190, 16, torch.float32))
+    mask = (torch.rand(2, 4, 190, 190, generator=torch.Generator().manual_seed(0)) < 0.9).transpose(-1, -2)
+    assert not q.is_contiguous() and mask.stride(-1) != 1
+    out = _native(q, k, v, mask, True, SMALL)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.25, SMALL), **TOL[torch.float32])
+
+
+def test_defaults_long_B1_H4_KV2_N2100_D64():
+    """The default config (w=256, m=16, r=64) where DGA applies (N ≥ min_seq_len)."""
+    q, k, v = qkv(1, 4, 2, 2100, 2100, 64, torch.float32, seed=9)
+    out = _native(q, k, v, None, True, DGAConfig())
+    torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.25, DGAConfig()), **TOL[torch.float32])
+
+
+def test_threads_agree_B1_H4_N600_D32():
+    q, k, v = qkv(1, 4, 4, 600, 600, 32, torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _native(q, k, v, None, True, SMALL)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(_native(q, k, v, None, True, SMALL), one, rtol=0, atol=0)
+
+
+def test_not_used_when_autograd_needs_a_graph(monkeypatch):
+    monkeypatch.setattr(blocked._extension, "attention", lambda *a, **kw: pytest.fail("kernel ran under autograd"))
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 64, 64, 8, torch.float32))
+    blocked_attention(q, k, v, None, True, 0.25, SMALL).sum().backward()
+    assert q.grad is not None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(q=torch.zeros(1, 2, 8, 4, dtype=torch.float64)), "float32"),
+    (dict(k=torch.zeros(1, 3, 8, 4)), "Hq % Hkv"),
+    (dict(mask=torch.ones(1, 1, 8, 8)), "bool"),
+], ids=["fp64", "heads", "float-mask"])
+def test_bad_inputs_raise_clearly(bad, message):
+    args = dict(q=torch.zeros(1, 2, 8, 4), k=torch.zeros(1, 2, 8, 4), v=torch.zeros(1, 2, 8, 4), mask=None)
+    args.update(bad)
+    out = torch.empty(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dga_native.attention_cpu(args["q"], args["k"], args["v"], args["mask"], out, True, True, 0.5,
+                                           0.1, 4, 4, 2, 1.0)
