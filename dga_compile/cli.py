@@ -39,6 +39,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "dga_compile.cli:add_inspect_parser",
     "eval": "dga_compile.eval.cli:add_parser",
     "build-ort-op": "dga_compile.onnx.native:add_parser",
+    "build-ext": "dga_compile._extension:add_parser",
 }
 
 

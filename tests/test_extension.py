@@ -132,3 +132,14 @@ def test_bad_inputs_raise_clearly(bad, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.dga_native.attention_cpu(args["q"], args["k"], args["v"], args["mask"], out, True, True, 0.5,
                                            0.1, 4, 4, 2, 1.0)
+
+
+def test_cli_build_ext(monkeypatch, capsys):
+    from dga_compile.cli import main
+    assert main(["build-ext"]) == 0                       # up to date: nothing rebuilt
+    assert str(_extension.library_path()) in capsys.readouterr().out
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert main(["build-ext", "--force"]) == 1              # the library stays as it was
+    assert "could not start" in capsys.readouterr().err
+    assert main(["build-ext", "--force", "--soft"]) == 0
+    assert _extension.library_path().is_file()

@@ -15,15 +15,14 @@
 namespace dga {
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-// GEMM register tile: TILE_M rows × 2 vectors (8×32 with AVX-512, 6×16 with AVX2).
+// Vectors of VW floats; the GEMM register tile is TILE_M rows × 2 vectors (8×32 with AVX-512, 6×16 with AVX2).
 #ifdef __AVX512F__
 constexpr int64_t VW = 16, TILE_M = 8;
 #else
 constexpr int64_t VW = 8, TILE_M = 6;
 #endif
 typedef float vec __attribute__((vector_size(VW * 4)));
+typedef int32_t veci __attribute__((vector_size(VW * 4)));
 constexpr int64_t TILE_N = 2 * VW;
 
 constexpr int64_t BLOCK = 64;  // query rows per work item
@@ -31,9 +30,6 @@ constexpr int64_t PROBE_ROWS = 16 * TILE_M;  // probe rows scored per GEMM
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
-void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
-v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 vec loadv(const float* p) { vec r; std::memcpy(&r, p, sizeof r); return r; }
 void storev(float* p, vec x) { std::memcpy(p, &x, sizeof x); }
 
@@ -61,50 +57,50 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 }
 
 // exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); exactly 0 below -87, so -inf gives 0.
-v8 exp8(v8 x) {
-  const v8i dead = x < -87.0f;
-  x = dead ? splat(-87.0f) : x;
-  const v8 t = x * 1.44269504088896341f + 0.5f;
-  v8i n = __builtin_convertvector(t, v8i);
-  v8 nf = __builtin_convertvector(n, v8);
-  const v8i over = nf > t;
+vec exp_v(vec x) {
+  const veci dead = x < -87.0f;
+  x = dead ? (vec{} + -87.0f) : x;
+  const vec t = x * 1.44269504088896341f + 0.5f;
+  veci n = __builtin_convertvector(t, veci);
+  vec nf = __builtin_convertvector(n, vec);
+  const veci over = nf > t;
   n -= over & 1;
-  nf = __builtin_convertvector(n, v8);
-  const v8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  v8 p = splat(1.9875691500e-4f);
+  nf = __builtin_convertvector(n, vec);
+  const vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vec p = (vec{} + 1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  v8 pow2;
-  const v8i bits = (n + 127) << 23;
+  vec pow2;
+  const veci bits = (n + 127) << 23;
   std::memcpy(&pow2, &bits, sizeof pow2);
-  return dead ? v8{} : p * pow2;
+  return dead ? vec{} : p * pow2;
 }
 
-// row[0:n) (n % 8 == 0) <- exp(row - max); returns the sum, 0 when every entry is -inf.
+// row[0:n) (n % VW == 0) <- exp(row - max); returns the sum, 0 when every entry is -inf.
 float softmax_numerators(float* row, int64_t n) {
-  v8 mx = splat(NEG_INF);
-  for (int64_t c = 0; c < n; c += 8) {
-    const v8 x = load8(row + c);
+  vec mx = (vec{} + NEG_INF);
+  for (int64_t c = 0; c < n; c += VW) {
+    const vec x = loadv(row + c);
     mx = x > mx ? x : mx;
   }
   float m = NEG_INF;
-  for (int l = 0; l < 8; ++l) m = std::max(m, mx[l]);
+  for (int l = 0; l < VW; ++l) m = std::max(m, mx[l]);
   if (m == NEG_INF) {
     std::fill(row, row + n, 0.0f);
     return 0.0f;
   }
-  v8 sum = {};
-  for (int64_t c = 0; c < n; c += 8) {
-    const v8 e = exp8(load8(row + c) - m);
-    store8(row + c, e);
+  vec sum = {};
+  for (int64_t c = 0; c < n; c += VW) {
+    const vec e = exp_v(loadv(row + c) - m);
+    storev(row + c, e);
     sum += e;
   }
   float s = 0.0f;
-  for (int l = 0; l < 8; ++l) s += sum[l];
+  for (int l = 0; l < VW; ++l) s += sum[l];
   return s;
 }
 
