@@ -10,9 +10,10 @@ import contextlib
 import os
 import pathlib
 import shutil
-import subprocess
 import tempfile
 from typing import Iterable, Iterator
+
+from . import _tools
 
 __all__ = ["REPO", "CSRC", "CXXFLAGS", "NativeBuildError", "run", "compiler", "up_to_date", "staged"]
 
@@ -27,13 +28,7 @@ class NativeBuildError(RuntimeError):
 
 def run(cmd: list[str], what: str, cwd=None) -> None:
     """Runs ``cmd``; on failure raises `NativeBuildError` with ``what`` and the output's tail."""
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except OSError as err:
-        raise NativeBuildError(f"{what} could not start: {err}") from err
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise NativeBuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    _tools.run(cmd, what, NativeBuildError, cwd)
 
 
 def compiler() -> str:

