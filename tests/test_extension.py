@@ -95,9 +95,9 @@ def test_non_contiguous_mask_and_inputs_B2_H4_KV2_N190_D16():
     torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.25, SMALL), **TOL[torch.float32])
 
 
-def test_defaults_long_B1_H4_KV2_N2100_D64():
+def test_defaults_long_B1_H2_KV1_N4097_D64():
     """The default config (w=256, m=16, r=64) where DGA applies (N ≥ min_seq_len)."""
-    q, k, v = qkv(1, 4, 2, 2100, 2100, 64, torch.float32, seed=9)
+    q, k, v = qkv(1, 2, 1, 4097, 4097, 64, torch.float32, seed=9)
     out = _native(q, k, v, None, True, DGAConfig())
     torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.25, DGAConfig()), **TOL[torch.float32])
 
