@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -58,7 +59,12 @@ def available() -> bool:
     """Whether the extension is built for this torch and loaded (and not turned off by DGA_NATIVE=0)."""
     if os.environ.get("DGA_NATIVE") == "0" or not library_path().is_file():
         return False
-    torch.ops.load_library(str(library_path()))
+    try:
+        torch.ops.load_library(str(library_path()))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"dga-compile: the C++ extension {library_path()} does not load ({err}); the PyTorch CPU "
+                      f"path runs instead. Rebuild it: dga-compile build-ext --force", RuntimeWarning, stacklevel=2)
+        return False
     return True
 
 

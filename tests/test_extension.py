@@ -143,3 +143,15 @@ def test_cli_build_ext(monkeypatch, capsys):
     assert "could not start" in capsys.readouterr().err
     assert main(["build-ext", "--force", "--soft"]) == 0
     assert _extension.library_path().is_file()
+
+
+def test_a_broken_library_warns_and_falls_back(tmp_path, monkeypatch):
+    broken = tmp_path / "libdga_torch-broken.so"
+    broken.write_text("not a shared object")
+    monkeypatch.setattr(_extension, "library_path", lambda: broken)
+    _extension.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="does not load"):
+            assert not _extension.available()
+    finally:
+        _extension.available.cache_clear()
