@@ -31,6 +31,10 @@ class DGAConfig:
         min_saving: rewrite policy; a site is rewritten only when DGA would attend to at most
             ``1 - min_saving`` of the keys dense attention attends to (judged from what the
             graph proves about the mask, e.g. a sliding window). In [0, 1).
+        dense_layers: rewrite policy; attention sites kept dense, by position in model order
+            (the HF layer index; in a traced graph, the order of its attention sites). Which
+            layers lose most under DGA is model-specific: ``dga-compile eval MODEL --calibrate K``
+            measures it and prints the K worst (docs/ACCURACY.md, "Per-layer budget").
         strict: raise `dga_compile.RewriteError` when an attention site cannot be rewritten.
         report: print the rewrite report (a rich table) when the backend compiles a graph.
     """
@@ -43,6 +47,7 @@ class DGAConfig:
     min_seq_len: int = 1024
     impl: Literal["auto", "reference", "blocked", "triton"] = "auto"
     min_saving: float = 0.25
+    dense_layers: tuple[int, ...] = ()
     strict: bool = False
     report: bool = False
 
@@ -54,6 +59,12 @@ class DGAConfig:
         _validate_range("group_bias", self.group_bias, 0.0, math.inf, "0.0 or 1.0")
         _validate_int("min_seq_len", self.min_seq_len, 0, "e.g. 1024 (0 applies DGA always)")
         _validate_range("min_saving", self.min_saving, 0.0, 1.0, "e.g. 0.25", hi_open=True)
+        layers = self.dense_layers
+        if not isinstance(layers, (tuple, list)) or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise ValueError(f"DGAConfig.dense_layers must be a tuple of layer indices ≥ 0, got {layers!r}; "
+                             f"use e.g. (0, 7, 18)")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"DGAConfig.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
         for name in ("strict", "report"):

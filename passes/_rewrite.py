@@ -77,7 +77,7 @@ def rewrite_graph_module(gm: fx.GraphModule, cfg: DGAConfig, constants: Optional
         for rule in RULES:
             m = rule.match(node)
             if m is not None:
-                report.sites.append(_apply(gm.graph, m, cfg, consts))
+                report.sites.append(_apply(gm.graph, m, cfg, consts, len(report.sites)))
     if report.num_rewritten:
         gm.graph.lint()
         gm.recompile()
@@ -105,9 +105,11 @@ def _program_constants(ep) -> dict:
 # shared checks
 # ---------------------------------------------------------------------------------------------
 
-def _apply(graph: fx.Graph, m: Match, cfg: DGAConfig, consts: dict) -> Site:
+def _apply(graph: fx.Graph, m: Match, cfg: DGAConfig, consts: dict, index: int) -> Site:
+    """Rewrites the match unless a check or the policy keeps it dense; ``index``: the site's position
+    among the graph's attention sites."""
     mask_kind = _combined_mask_kind(m.masks, consts)
-    reason = m.reason or _check(m, mask_kind) or _policy(m, cfg)
+    reason = m.reason or _check(m, mask_kind) or _policy(m, cfg, index)
     if reason is None:
         _strip_repeat_kv(m)
         if m.scale is None:
@@ -157,8 +159,11 @@ _GT = g.family(operator.gt, operator.ge, torch.gt, torch.ge, "gt", "ge", "__gt__
 _LT = g.family(operator.lt, operator.le, torch.lt, torch.le, "lt", "le", "__lt__", "__le__", aten.lt, aten.le)
 
 
-def _policy(m: Match, cfg: DGAConfig) -> Optional[str]:
-    """Why DGA is not worth it here (``cfg.min_saving``), when the graph proves it, else None."""
+def _policy(m: Match, cfg: DGAConfig, index: int) -> Optional[str]:
+    """Why DGA is not wanted here (``cfg.dense_layers``) or not worth it (``cfg.min_saving``, when
+    the graph proves it), else None."""
+    if index in cfg.dense_layers:
+        return f"attention site {index} is in DGAConfig.dense_layers={cfg.dense_layers}: kept dense"
     windows = [w for node, sense in m.masks if sense == "attend" for w in [_window(node, 16)] if w]
     if not windows:
         return None

@@ -209,3 +209,57 @@ def test_demo_tiny_end_to_end(capsys):
     stages = [row[0] for row in demo.SUMMARY]
     assert stages[:3] == ["model", "text", "perplexity"] and "ONNX export + ONNX Runtime" in stages
     assert all("not available" not in row[1] for row in demo.SUMMARY)
+
+
+def test_recent_for_cost_with_dense_layers():
+    """With 2 of 10 layers dense, the other 8 must cost (0.5·10 − 2)/8 = 0.375 each."""
+    plain = recent_for_cost(Method("streaming", SMALL), 0.375, 300)
+    assert recent_for_cost(Method("streaming", SMALL.replace(dense_layers=(0, 5))), 0.5, 300, 10) == plain
+
+
+def test_calibration_windows_lie_between_evaluation_windows(tiny_llama):
+    from dga_compile.eval.calibrate import calibration_windows
+    from dga_compile.eval.run import token_windows
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    evals, cals = token_windows(tok, TEXT, 32, 3), calibration_windows(tok, TEXT, 32, 3)
+    assert len(cals) == 2 and all(c.shape == (1, 32) for c in cals)
+    assert not any(torch.equal(c, e) for c in cals for e in evals)
+    assert len(calibration_windows(tok, TEXT, 32, 1)) == 1
+
+
+def test_layer_errors_and_worst_layers(tiny_llama):
+    from dga_compile.eval.calibrate import layer_errors, worst_layers
+    from dga_compile.eval.run import load_model, token_windows
+    model, tok, _ = load_model(tiny_llama)
+    wins = token_windows(tok, TEXT, 96, 1)
+    errors = layer_errors(model, wins, SMALL)
+    assert sorted(errors) == [0, 1] and all(0 < e < 10 for e in errors.values())
+    exact = layer_errors(model, wins, SMALL.replace(group_size=1))
+    assert all(e < 1e-5 for e in exact.values())                       # m = 1 is dense attention
+    assert worst_layers(errors, 1) == (max(errors, key=errors.get),) and worst_layers(errors, 5) == (0, 1)
+    assert model.config._attn_implementation == "sdpa"                  # restored
+
+
+def test_dense_layers_in_evaluation_cost_and_labels(tiny_llama):
+    res = evaluate(tiny_llama, TEXT, seq_len=96, windows=1, configs=[SMALL.replace(dense_layers=(1,))],
+                   progress=False)
+    dga, *baselines = res.methods[1:]
+    plain = evaluate(tiny_llama, TEXT, seq_len=96, windows=1, configs=[SMALL], progress=False, baselines=False)
+    # layer 1 of 2 counts as dense (DGA's cost differs a little between layers: focus sets differ)
+    assert plain.methods[1].cost < dga.cost < 1.0 and dga.cost == pytest.approx((plain.methods[1].cost + 1) / 2, abs=0.02)
+    assert "layers 1 dense" in dga.label
+    assert [("layers 1 dense" in b.label) for b in baselines] == [False, False, True, True]
+    streaming_dense = baselines[2]
+    assert abs(streaming_dense.cost - dga.cost) < 0.05
+
+
+def test_cli_calibrate(tiny_llama, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "cal"
+    assert eval_main([str(tiny_llama), "--text", str(text), "--seq-len", "48", "--windows", "2", "--group-size", "4",
+                      "--num-probe", "8", "--window", "8", "--calibrate", "1", "--no-baselines", "--out", str(out),
+                      "--quiet"]) == 0
+    assert "Per-layer DGA error" in capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["methods"][1]["params"]["dense_layers"]) == 1

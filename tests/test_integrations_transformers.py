@@ -87,3 +87,14 @@ def test_decode_step_is_dense():
 def test_register_rejects_reserved_names(bad):
     with pytest.raises(ValueError, match="attention implementation name"):
         register(EXACT, name=bad)
+
+
+def test_dense_layers_run_sdpa():
+    """DGAConfig.dense_layers: those layer_idx run SDPA; all layers dense equals SDPA, one dense differs from both."""
+    ids = torch.randint(0, 97, (1, 40))
+    want = _logits(_tiny("llama", "sdpa"), ids)
+    all_dense = _logits(_tiny("llama", register(ACTIVE.replace(dense_layers=(0, 1)), name="dga-test-d01")), ids)
+    torch.testing.assert_close(all_dense, want, rtol=1e-5, atol=1e-5)
+    one = _logits(_tiny("llama", register(ACTIVE.replace(dense_layers=(1,)), name="dga-test-d1")), ids)
+    none = _logits(_tiny("llama", register(ACTIVE, name="dga-test-active")), ids)
+    assert (one - want).abs().max() > 1e-4 and (one - none).abs().max() > 1e-4

@@ -271,3 +271,17 @@ def test_min_saving_policy_sliding_window(window, rewritten):
     out, report = rewrite(torch.export.export(SlidingWindow(window), (q, k, v)), DGAConfig(min_seq_len=0))
     assert report.num_rewritten == rewritten
     assert rewritten or f"sliding window of {window} keys" in report.sites[0].reason
+
+
+class TwoLayers(torch.nn.Module):
+    def forward(self, q, k, v):
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(x, k, v, is_causal=True)
+
+
+def test_dense_layers_policy_keeps_named_sites_dense():
+    """DGAConfig.dense_layers names attention sites by their order in the graph; those stay dense, with the reason."""
+    q, k, v = _qkv(N=13)
+    out, report = rewrite(torch.export.export(TwoLayers(), (q, k, v)), DGAConfig(min_seq_len=0, dense_layers=(1,)))
+    assert [s.rewritten for s in report.sites] == [True, False]
+    assert "dense_layers=(1,)" in report.sites[1].reason

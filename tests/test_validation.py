@@ -43,6 +43,8 @@ _BAD_CALLS = {
     "focus_ratio>1": (lambda: DGAConfig(focus_ratio=1.5), ["focus_ratio", "1.5"]),
     "group_size0": (lambda: DGAConfig(group_size=0), ["group_size", "got 0"]),
     "impl-config": (lambda: DGAConfig(impl="cuda"), ["'cuda'", "'blocked'"]),
+    "dense_layers-negative": (lambda: DGAConfig(dense_layers=(3, -1)), ["dense_layers", "(3, -1)"]),
+    "dense_layers-str": (lambda: DGAConfig(dense_layers="0,7"), ["dense_layers", "'0,7'"]),
     "impl-op": (lambda: torch.ops.dga.attention(Q, K, V, None, 0.0, None, False, 0.5, 0.1, 4, 4, 0, 1.0, 0, "bogus"),
                 ["'bogus'"]),
 }
@@ -74,3 +76,8 @@ def test_fully_masked_rows_give_zero(path, mask_dtype):
         out = PATHS[path](Q, K, V, mask, False, None, cfg)
         assert not out.isnan().any()
         assert (out[:, :, 3] == 0).all() and (out[:, :, 4].abs() > 0).any()
+
+
+def test_dense_layers_normalised():
+    assert DGAConfig(dense_layers=[7, 0, 7]).dense_layers == (0, 7)
+    assert DGAConfig(dense_layers=[7, 0]) == DGAConfig(dense_layers=(0, 7))

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from rich.console import Console
 
-from ..cli import add_config_arguments, config_from_args
+from ..cli import EXIT_USAGE, CLIError, add_config_arguments, config_from_args
 from ..config import DGAConfig
 
 __all__ = ["add_parser", "parse_config", "main"]
@@ -40,25 +40,46 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", metavar="KEY=VAL,...",
                    help="a DGA config to measure, as changes to the flags above (repeatable), e.g. "
                         "'window=0,group_bias=0'; default: the flags' config. min_seq_len defaults to 0 here")
+    p.add_argument("--dense-layers", metavar="I,J,...", help="layer indices kept dense in every config "
+                   "(DGAConfig.dense_layers), e.g. 0,7,18")
+    p.add_argument("--calibrate", type=int, metavar="K", help="first measure each layer's DGA error on windows "
+                   "between the evaluation windows (one dense forward each) and keep the K worst layers dense in "
+                   "every config; prints the per-layer table")
     p.add_argument("--no-baselines", action="store_true", help="skip StreamingLLM and top-k + window")
     p.add_argument("--out", type=Path, default=Path("dga-eval"), help="output prefix: PREFIX.json, PREFIX.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .calibrate import calibration_windows, layer_errors, worst_layers
     from .fetch import jargon_text, resolve_model
-    from .report import rich_table, save_json, save_plot
-    from .run import evaluate
+    from .methods import Method
+    from .report import calibration_table, rich_table, save_json, save_plot
+    from .run import Evaluation
 
     if args.min_seq_len is None:
         args.min_seq_len = 0
     base = config_from_args(args)
-    configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
+    try:
+        if args.dense_layers:
+            base = base.replace(dense_layers=tuple(int(i) for i in args.dense_layers.split(",")))
+        configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
+    except ValueError as e:
+        raise CLIError(f"bad --config / --dense-layers: {e}", EXIT_USAGE) from e
     text_path = args.text or jargon_text()
-    result = evaluate(resolve_model(args.model), text_path.read_text(encoding="utf-8", errors="replace"),
-                      seq_len=args.seq_len, windows=args.windows, configs=configs,
-                      baselines=not args.no_baselines, progress=not args.quiet, text_name=text_path.name)
+    text = text_path.read_text(encoding="utf-8", errors="replace")
     out = Console()
+    ev = Evaluation(resolve_model(args.model), text, args.seq_len, args.windows, not args.quiet, text_path.name)
+    if args.calibrate:
+        if ev.task != "causal-lm":
+            raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
+        errors = layer_errors(ev.model, calibration_windows(ev.tokenizer, text, args.seq_len, args.windows), base)
+        dense = worst_layers(errors, args.calibrate)
+        out.print(calibration_table(errors, dense))
+        configs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]
+    for cfg in configs:
+        ev.run_with_baselines(cfg) if not args.no_baselines else ev.run(Method("dga", cfg))
+    result = ev.result()
     out.print(rich_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out.print(f"JSON: {save_json(result, args.out.with_suffix('.json'))}")

@@ -54,12 +54,13 @@ class Method:
     @property
     def label(self) -> str:
         c = self.config
+        dense = f", layers {','.join(map(str, c.dense_layers))} dense" if c.dense_layers else ""
         if self.kind == "dga":
-            return f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
+            return f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}{dense}"
         if self.kind == "streaming":
-            return f"StreamingLLM {self.sinks} sinks + {self.recent} recent"
+            return f"StreamingLLM {self.sinks} sinks + {self.recent} recent{dense}"
         if self.kind == "topk":
-            return f"top-k γ={c.focus_ratio:g} + {self.recent} recent"
+            return f"top-k γ={c.focus_ratio:g} + {self.recent} recent{dense}"
         return "dense"
 
 
@@ -195,10 +196,13 @@ def _masked_sdpa(q, k, v, vis, keep, scale) -> Tensor:
     return out
 
 
-def recent_for_cost(method: Method, fraction: float, n: int) -> int:
+def recent_for_cost(method: Method, fraction: float, n: int, num_layers: int = 1) -> int:
     """The ``recent`` window at which the baseline ``method`` costs about ``fraction`` of dense
-    causal attention at N = n (top-k assumes its focus tokens spread evenly; the meter reports
-    the cost actually paid)."""
+    causal attention at N = n over ``num_layers`` layers, of which ``method.config.dense_layers``
+    are dense (top-k assumes its focus tokens spread evenly; the meter reports the cost actually
+    paid)."""
+    n_dense = sum(layer < num_layers for layer in method.config.dense_layers)
+    fraction = (fraction * num_layers - n_dense) / max(num_layers - n_dense, 1)
     i = torch.arange(n, dtype=torch.float64)
     dense = float((i + 1).sum())
 

@@ -96,3 +96,15 @@ def save_plot(result: EvalResult, path: Union[str, Path]) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def calibration_table(errors: dict[int, float], dense: tuple[int, ...]):
+    """A rich table of `calibrate.layer_errors`, worst first, marking the layers kept dense."""
+    from rich.table import Table
+
+    table = Table(title="Per-layer DGA error (attention output, last half of the rows; worst first)")
+    for col in ("layer", "relative error", "kept dense"):
+        table.add_column(col, justify="right")
+    for layer in sorted(errors, key=errors.get, reverse=True):
+        table.add_row(str(layer), f"{errors[layer]:.4f}", "yes" if layer in dense else "")
+    return table

@@ -79,8 +79,8 @@ class Evaluation:
     def __init__(self, model_path: Union[str, Path], text: str, seq_len: int = 2048, windows: int = 3,
                  progress: bool = True, text_name: str = "text"):
         self.model_path, self.text_name, self.seq_len, self.progress = str(model_path), text_name, seq_len, progress
-        self.model, tok, self.task = load_model(model_path)
-        self.windows = token_windows(tok, text, seq_len, windows)
+        self.model, self.tokenizer, self.task = load_model(model_path)
+        self.windows = token_windows(self.tokenizer, text, seq_len, windows)
         self._run = _causal_nll if self.task == "causal-lm" else _pooled
         self.reference = self._measure(Method("dense"))
         self.results = [_summarise(Method("dense"), self.reference, self.reference, self.task)]
@@ -91,13 +91,17 @@ class Evaluation:
         return res
 
     def run_with_baselines(self, config: DGAConfig) -> list[MethodResult]:
-        """DGA at ``config``, then StreamingLLM and top-k + window at the cost DGA measured."""
+        """DGA at ``config``, then StreamingLLM and top-k + window at the cost DGA measured; with
+        ``config.dense_layers``, each baseline twice: with no dense layer, and with the same ones."""
         dga = self.run(Method("dga", config))
         if self.task != "causal-lm":
             return [dga]
         out = [dga]
-        for base in (Method("streaming", config), Method("topk", config)):
-            out.append(self.run(dataclasses.replace(base, recent=recent_for_cost(base, dga.cost, self.seq_len))))
+        configs = [config.replace(dense_layers=()), config] if config.dense_layers else [config]
+        layers = getattr(self.model.config, "num_hidden_layers", 1)
+        for base in (Method(kind, cfg) for cfg in configs for kind in ("streaming", "topk")):
+            recent = recent_for_cost(base, dga.cost, self.seq_len, layers)
+            out.append(self.run(dataclasses.replace(base, recent=recent)))
         return out
 
     def result(self) -> EvalResult:
@@ -120,7 +124,8 @@ def evaluate(model_path: Union[str, Path], text: str, seq_len: int = 2048, windo
 
 
 def _measure(model, method: Method, wins, run, progress: bool) -> dict:
-    model.set_attn_implementation(register_attention(f"dga-eval-{method.kind}", attend_fn(method)))
+    model.set_attn_implementation(register_attention(f"dga-eval-{method.kind}", attend_fn(method),
+                                                     attend_fn(Method("dense")), method.config.dense_layers))
     outs = []
     try:
         with CostMeter() as meter:

@@ -9,19 +9,21 @@ mask builder of "sdpa" in `AttentionMaskInterface`, so every layer gets exactly 
 would get: None for plain causal/bidirectional layers (the function then passes
 ``is_causal``), a bool [B, 1, Nq, Nk] mask for padding and sliding-window layers (their window
 is kept). Decode steps (one query, a KV cache) have Nq ≠ Nk, where the op is exactly dense.
+Layers whose ``layer_idx`` is in ``DGAConfig.dense_layers`` run SDPA.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
 
-__all__ = ["register", "register_attention", "hf_attention_forward", "Attend"]
+__all__ = ["register", "register_attention", "register_forward", "hf_attention_forward", "sdpa", "Attend"]
 
 #: ``attend(q [B,Hq,Nq,D], k [B,Hkv,Nk,D], v, attn_mask, is_causal, scale, dropout_p) -> [B,Hq,Nq,Dv]``
 #: with GQA allowed (Hq % Hkv == 0): the SDPA contract with ``enable_gqa=True``.
@@ -42,26 +44,41 @@ def register(config: Optional[DGAConfig] = None, name: str = "dga") -> str:
         return dynamic_group_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=q.shape[1] != k.shape[1], config=cfg)
 
-    return register_attention(name, attend)
+    return register_attention(name, attend, dense_layers=cfg.dense_layers)
 
 
-def register_attention(name: str, attend: Attend) -> str:
-    """Registers any SDPA-contract function ``attend`` as HF attention ``name`` (with SDPA's masks)."""
+def sdpa(q, k, v, attn_mask, is_causal, scale, dropout_p) -> Tensor:
+    """The `Attend` of dense attention: `F.scaled_dot_product_attention` with GQA."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def register_attention(name: str, attend: Attend, dense: Attend = sdpa, dense_layers: Sequence[int] = ()) -> str:
+    """Registers any SDPA-contract function ``attend`` as HF attention ``name`` (with SDPA's masks);
+    layers whose ``layer_idx`` is in ``dense_layers`` call ``dense`` instead."""
+    return register_forward(name, hf_attention_forward(attend, dense, dense_layers))
+
+
+def register_forward(name: str, forward: Callable) -> str:
+    """Registers an HF attention function ``forward(module, query, key, value, attention_mask, ...)``
+    (the signature `hf_attention_forward` returns) as attention ``name``, with SDPA's masks."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if not isinstance(name, str) or not name or name in ("sdpa", "eager") or name.startswith("flash"):
         raise ValueError(f"name must be a new attention implementation name such as 'dga', got {name!r}")
-    AttentionInterface.register(name, hf_attention_forward(attend))
+    AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
-def hf_attention_forward(attend: Attend) -> Callable:
-    """Wraps ``attend`` in the signature HF attention modules call (mirrors ``sdpa_attention_forward``).
+def hf_attention_forward(attend: Attend, dense: Attend = sdpa, dense_layers: Sequence[int] = ()) -> Callable:
+    """Wraps ``attend`` in the signature HF attention modules call (mirrors ``sdpa_attention_forward``);
+    modules whose ``layer_idx`` is in ``dense_layers`` call ``dense``.
 
     The HF function receives q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] and returns ([B, Nq, Hq, Dv], None).
     """
+    dense_layers = frozenset(dense_layers)
 
     def forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -72,7 +89,8 @@ def hf_attention_forward(attend: Attend) -> Callable:
         causal = bool(nq > 1 and attention_mask is None and causal)
         if causal and key.shape[2] > nq:      # prefill into an empty static cache: drop the unused slots
             key, value = key[:, :, :nq], value[:, :, :nq]
-        out = attend(query, key, value, attention_mask, causal, scaling, float(dropout))
+        fn = dense if getattr(module, "layer_idx", None) in dense_layers else attend
+        out = fn(query, key, value, attention_mask, causal, scaling, float(dropout))
         return out.transpose(1, 2).contiguous(), None
 
     return forward
