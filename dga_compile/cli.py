@@ -92,6 +92,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, help="w, local window kept raw (causal sites)")
     g.add_argument("--group-bias", type=float, help="β, group logit bias β·log m")
     g.add_argument("--min-seq-len", type=int, help="below this length attention stays dense")
+    g.add_argument("--dense-layers", metavar="I,J,...", help="attention sites (layers) kept dense, by position in "
+                   "model order, e.g. 0,7,18 (`dga-compile eval MODEL --calibrate K` finds the worst)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -100,9 +102,12 @@ def config_from_args(args: argparse.Namespace):
 
     fields = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len")
     try:
-        return DGAConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+        changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        if args.dense_layers:
+            changes["dense_layers"] = tuple(int(i) for i in args.dense_layers.split(","))
+        return DGAConfig(**changes)
     except ValueError as e:
-        raise CLIError(str(e), EXIT_USAGE) from e
+        raise CLIError(f"{e} (from the DGA flags)", EXIT_USAGE) from e
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:

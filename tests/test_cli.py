@@ -134,3 +134,12 @@ def test_console_script_entry_point():
     if "dga-compile" not in scripts:
         pytest.skip("package not installed in this environment (pip install -e .)")
     assert scripts["dga-compile"] == "dga_compile.cli:main"
+
+
+def test_dense_layers_flag_keeps_the_site_dense(models, tmp_path, capsys):
+    rc, out = _convert(models, tmp_path, "hf-llama", "--seq-len", "20", "--min-seq-len", "16", "--dense-layers", "0")
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "0 of 1 attention sites rewritten" in cap.err and _dga_nodes(out) == 0
+    rc, _ = _convert(models, tmp_path / "bad", "llama.pt2", "--dense-layers", "0,x")
+    assert rc == 2 and "invalid literal" in capsys.readouterr().err

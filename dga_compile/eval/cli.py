@@ -40,8 +40,6 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", metavar="KEY=VAL,...",
                    help="a DGA config to measure, as changes to the flags above (repeatable), e.g. "
                         "'window=0,group_bias=0'; default: the flags' config. min_seq_len defaults to 0 here")
-    p.add_argument("--dense-layers", metavar="I,J,...", help="layer indices kept dense in every config "
-                   "(DGAConfig.dense_layers), e.g. 0,7,18")
     p.add_argument("--calibrate", type=int, metavar="K", help="first measure each layer's DGA error on windows "
                    "between the evaluation windows (one dense forward each) and keep the K worst layers dense in "
                    "every config; prints the per-layer table")
@@ -61,11 +59,9 @@ def _run(args: argparse.Namespace) -> int:
         args.min_seq_len = 0
     base = config_from_args(args)
     try:
-        if args.dense_layers:
-            base = base.replace(dense_layers=tuple(int(i) for i in args.dense_layers.split(",")))
         configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
     except ValueError as e:
-        raise CLIError(f"bad --config / --dense-layers: {e}", EXIT_USAGE) from e
+        raise CLIError(str(e), EXIT_USAGE) from e
     text_path = args.text or jargon_text()
     text = text_path.read_text(encoding="utf-8", errors="replace")
     out = Console()
