@@ -14,17 +14,17 @@ from dga_compile.eval import Method
 from dga_compile.eval.fetch import jargon_text, smollm2
 from dga_compile.eval.run import Evaluation
 
-BASE = DGAConfig(min_seq_len=0)
+BASE = DGAConfig(min_seq_len=0, num_probe=64)      # the settings the sweeps started from (r = 64 until the 4K sweep)
 #: (config, with equal-cost baselines?)
 SWEEP = [
-    (BASE, True),                                              # defaults: w=256, β=1, r=64
+    (BASE, True),                                              # w=256, β=1, r=64
     (BASE.replace(window=0, group_bias=0.0), False),           # paper-faithful: no window, plain groups
     (BASE.replace(window=0), False),
     (BASE.replace(group_bias=0.0), False),
     (BASE.replace(window=128), False),
     (BASE.replace(window=512), True),
     (BASE.replace(num_probe=16), False),
-    (BASE.replace(num_probe=128), False),
+    (BASE.replace(num_probe=128), False),                      # the defaults since the 4K sweep
     (BASE.replace(focus_ratio=0.2), True),                     # γ, m trade-off
     (BASE.replace(group_size=8), False),
     (BASE.replace(num_probe=128, window=512), False),
