@@ -28,6 +28,7 @@ SWEEP = [
     (BASE.replace(focus_ratio=0.2), True),                     # γ, m trade-off
     (BASE.replace(group_size=8), False),
     (BASE.replace(num_probe=128, window=512), False),
+    (BASE.replace(num_probe=128, group_bias=0.0), False),
 ]
 
 
