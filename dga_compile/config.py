@@ -41,7 +41,7 @@ class DGAConfig:
 
     focus_ratio: float = 0.1
     group_size: int = 16
-    num_probe: int = 64
+    num_probe: int = 128
     window: int = 256
     group_bias: float = 1.0
     min_seq_len: int = 1024
@@ -54,7 +54,7 @@ class DGAConfig:
     def __post_init__(self) -> None:
         _validate_range("focus_ratio", self.focus_ratio, 0.0, 1.0, "a fraction such as 0.1")
         _validate_int("group_size", self.group_size, 1, "e.g. 16 (1 means dense)")
-        _validate_int("num_probe", self.num_probe, 1, "e.g. 64")
+        _validate_int("num_probe", self.num_probe, 1, "e.g. 128")
         _validate_int("window", self.window, 0, "e.g. 256 (0 disables the local window)")
         _validate_range("group_bias", self.group_bias, 0.0, math.inf, "0.0 or 1.0")
         _validate_int("min_seq_len", self.min_seq_len, 0, "e.g. 1024 (0 applies DGA always)")

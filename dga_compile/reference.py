@@ -17,7 +17,7 @@ from .config import DGAConfig
 from ._validation import causal_like, dga_applies, visible_4d
 
 __all__ = ["reference_attention", "importance_scores", "split_focus", "aggregate_groups", "Groups",
-           "working_dtype", "num_focus"]
+           "complete_groups", "working_dtype", "num_focus"]
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +96,23 @@ def aggregate_groups(q: Tensor, k: Tensor, v: Tensor, nonfocus: Tensor, scale: f
     return Groups(kbar, vbar, members, anchors)
 
 
+def complete_groups(vis_rows: Tensor, members: Tensor, first_row: int, causal: bool, window: int) -> Tensor:
+    """Step 5's group rule for the query rows first_row, first_row + 1, …: group g is complete
+    for query i when all its members are visible to i and (causal) its anchor a(g) ≤ i − w.
+
+    vis_rows: bool [B, Hq, n, Nk], the visibility of those n rows; members: [B, Hq, G, m]
+    positions per query head, increasing (the anchor is the last). Returns bool [B, Hq, n, G].
+    """
+    B, Hq, n, _ = vis_rows.shape
+    G, m = members.shape[-2:]
+    idx = members.reshape(B, Hq, 1, G * m).expand(B, Hq, n, G * m)
+    complete = vis_rows.gather(-1, idx).view(B, Hq, n, G, m).all(-1)
+    if causal:
+        i = torch.arange(first_row, first_row + n, device=vis_rows.device)[:, None]
+        complete &= members[..., -1][:, :, None, :] <= i - window
+    return complete
+
+
 def _softmax_rows(logits: Tensor) -> Tensor:
     """Softmax over the last dim; rows with no finite logit give 0 (as SDPA does)."""
     return logits.softmax(-1).nan_to_num(0.0)
@@ -131,11 +148,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     G = grp.anchors.shape[-1]
 
     # 5. Which groups are complete for query i: all members visible, and (causal) a(g) ≤ i − w.
-    members_q = grp.members.repeat_interleave(rep, 1).reshape(B, Hq, 1, G * m).expand(B, Hq, Nq, G * m)
-    complete = vis_full.gather(-1, members_q).view(B, Hq, Nq, G, m).all(-1)        # [B, Hq, Nq, G]
-    if causal_like(vis, is_causal):
-        i = torch.arange(Nq, device=q.device)[:, None]
-        complete &= grp.anchors.repeat_interleave(rep, 1)[:, :, None, :] <= i - cfg.window
+    complete = complete_groups(vis_full, grp.members.repeat_interleave(rep, 1), 0, causal_like(vis, is_causal),
+                               cfg.window)                                         # [B, Hq, Nq, G]
     # Per token: focus, or the index of its group (−1 for the raw tail run).
     group_of = torch.full((B, Hkv, Nk), -1, dtype=torch.long, device=q.device)
     group_of.scatter_(-1, grp.members.reshape(B, Hkv, -1),

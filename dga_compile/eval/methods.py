@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
-from ..reference import importance_scores, num_focus, split_focus
+from ..reference import complete_groups, importance_scores, num_focus, split_focus
 from .._validation import causal_like, dga_applies, visible_4d
 
 __all__ = ["Method", "CostMeter", "attend_fn", "recent_for_cost"]
@@ -153,14 +153,10 @@ def _dga_cost(q, k, vis, is_causal, scale, cfg: DGAConfig) -> tuple[Tensor, Tens
     complete = torch.zeros(B, Hq, nq)
     vis_full = torch.ones(B, Hq, nq, nk, dtype=torch.bool) if vis is None else vis.expand(B, Hq, nq, nk).cpu()
     members_q = _kv_rep(members, Hq // hkv).cpu()
+    causal = causal_like(vis, is_causal)
     for i0 in range(0, nq, _QUERY_BLOCK):
         rows = vis_full[:, :, i0:i0 + _QUERY_BLOCK]
-        idx = members_q.reshape(B, Hq, 1, G * m).expand(B, Hq, rows.shape[2], G * m)
-        ok = rows.gather(-1, idx).view(B, Hq, rows.shape[2], G, m).all(-1)
-        if causal_like(vis, is_causal):
-            i = torch.arange(i0, i0 + rows.shape[2])[:, None]
-            ok &= members_q[..., -1][:, :, None, :] <= i - cfg.window
-        complete[:, :, i0:i0 + rows.shape[2]] = ok.sum(-1).float()
+        complete[:, :, i0:i0 + rows.shape[2]] = complete_groups(rows, members_q, i0, causal, cfg.window).sum(-1).float()
     return dense - (m - 1) * complete, dense
 
 
