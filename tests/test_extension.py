@@ -96,7 +96,7 @@ def test_non_contiguous_mask_and_inputs_B2_H4_KV2_N190_D16():
 
 
 def test_defaults_long_B1_H2_KV1_N4097_D64():
-    """The default config (w=256, m=16, r=64) where DGA applies (N ≥ min_seq_len)."""
+    """The default config (w=256, m=16, r=128) where DGA applies (N ≥ min_seq_len)."""
     q, k, v = qkv(1, 2, 1, 4097, 4097, 64, torch.float32, seed=9)
     out = _native(q, k, v, None, True, DGAConfig())
     torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.25, DGAConfig()), **TOL[torch.float32])

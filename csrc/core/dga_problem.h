@@ -11,7 +11,7 @@ namespace dga {
 struct Params {
   double focus_ratio = 0.1;  // as the Python float γ (ONNX: from its float32 attribute)
   int64_t group_size = 16;
-  int64_t num_probe = 64;
+  int64_t num_probe = 128;
   int64_t window = 256;
   float group_bias = 1.0f;
   int64_t min_seq_len = 1024;
