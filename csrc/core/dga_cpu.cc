@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace dga {
@@ -387,7 +388,7 @@ void attend(const Problem& pr, const float* qh, int64_t i0, int64_t i1, Scratch&
   const float scale = pr.scale();
   sc.qb.assign(rows_pad * D, 0.0f);
   for (int64_t t = 0; t < rows * D; ++t) sc.qb[t] = scale * qh[i0 * D + t];
-  sc.s.assign(rows_pad * W, 0.0f);
+  sc.s.resize(rows_pad * W);  // every column is written by one segment's GEMM
   for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
     const Segment& g = sc.seg[which];
     if (g.count > 0)
@@ -404,11 +405,11 @@ void attend(const Problem& pr, const float* qh, int64_t i0, int64_t i1, Scratch&
     sc.sums[r] = softmax_numerators(srow, W);
   }
   sc.o.assign(rows_pad * dv_pad, 0.0f);
-  for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
+  for (int which = 0, at = 0, first = 1; which < 3; at += pad_n(sc.seg[which++].count)) {
     const Segment& g = sc.seg[which];
     if (g.count > 0)
       gemm(rows_pad, dv_pad, pad_n(g.count), &sc.s[at], W, g.panel->v.data() + g.first * dv_pad, dv_pad,
-           sc.o.data(), dv_pad, /*accumulate=*/true);
+           sc.o.data(), dv_pad, /*accumulate=*/!std::exchange(first, 0));
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = sc.sums[r] > 0.0f ? 1.0f / sc.sums[r] : 0.0f;
