@@ -5,8 +5,9 @@ windows (`calibration_windows`), DGA and dense attention run on the same q, k, v
 dense model, so errors do not compound) and the layer's error is the relative error of its
 attention output on the last half of the rows, ‖o_DGA − o_dense‖ / ‖o_dense‖, pooled over the
 windows. Keeping the worst layers dense (``DGAConfig.dense_layers``) buys the most accuracy per
-unit of attention cost. On SmolLM2-135M at 4K the 6 worst layers by this measure were exactly the
-6 that raise last-half perplexity most when DGA runs in that layer alone (docs/ACCURACY.md).
+unit of attention cost. On SmolLM2-135M at 4K the 6 worst layers by this measure (on the same
+window) were exactly the 6 that raise last-half perplexity most when DGA runs in that layer alone
+(docs/ACCURACY.md, "Per-layer budget").
 """
 
 from __future__ import annotations

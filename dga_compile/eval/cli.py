@@ -41,8 +41,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="a DGA config to measure, as changes to the flags above (repeatable), e.g. "
                         "'window=0,group_bias=0'; default: the flags' config. min_seq_len defaults to 0 here")
     p.add_argument("--calibrate", type=int, metavar="K", help="first measure each layer's DGA error on windows "
-                   "between the evaluation windows (one dense forward each) and keep the K worst layers dense in "
-                   "every config; prints the per-layer table")
+                   "between the evaluation windows (one dense forward each, at the flags' DGA config) and keep the K "
+                   "worst layers dense in every config; prints the per-layer table")
     p.add_argument("--no-baselines", action="store_true", help="skip StreamingLLM and top-k + window")
     p.add_argument("--out", type=Path, default=Path("dga-eval"), help="output prefix: PREFIX.json, PREFIX.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
