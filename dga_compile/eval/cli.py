@@ -51,7 +51,6 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import calibration_windows, layer_errors, worst_layers
     from .fetch import jargon_text, resolve_model
-    from .methods import Method
     from .report import calibration_table, rich_table, save_json, save_plot
     from .run import Evaluation
 
@@ -73,8 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         dense = worst_layers(errors, args.calibrate)
         out.print(calibration_table(errors, dense))
         configs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]
-    for cfg in configs:
-        ev.run_with_baselines(cfg) if not args.no_baselines else ev.run(Method("dga", cfg))
+    ev.run_configs(configs, baselines=not args.no_baselines)
     result = ev.result()
     out.print(rich_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,11 @@ class Evaluation:
             out.append(self.run(dataclasses.replace(base, recent=recent)))
         return out
 
+    def run_configs(self, configs: Sequence[DGAConfig], baselines: bool = True) -> None:
+        """Each DGA config in turn, with its equal-cost baselines when ``baselines`` (causal LMs)."""
+        for cfg in configs:
+            self.run_with_baselines(cfg) if baselines else self.run(Method("dga", cfg))
+
     def result(self) -> EvalResult:
         return EvalResult(self.model_path, self.text_name, self.seq_len, len(self.windows), self.task,
                           list(self.results))
@@ -118,8 +123,7 @@ def evaluate(model_path: Union[str, Path], text: str, seq_len: int = 2048, windo
     """Runs dense, each DGA config and (``baselines``, causal LMs) StreamingLLM and top-k + window
     at each DGA config's measured cost; returns an `EvalResult`."""
     ev = Evaluation(model_path, text, seq_len, windows, progress, text_name)
-    for cfg in configs:
-        ev.run_with_baselines(cfg) if baselines else ev.run(Method("dga", cfg))
+    ev.run_configs(configs, baselines)
     return ev.result()
 
 
