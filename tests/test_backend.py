@@ -278,3 +278,18 @@ def test_training_dropout_reaches_the_op():
     (op,) = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.dga.attention.default]
     assert op.args[4] == pytest.approx(0.1) and op.args[5] is not None and "dropout" in reports[0].sites[0].tags
     assert torch.isfinite(out).all() and not torch.equal(out, compiled(x))  # a new dropout mask per call
+
+
+def test_dense_layers_option_keeps_those_sites_dense():
+    """options={"dense_layers": [...]} reaches DGAConfig; the listed sites (graph order) stay dense, with the reason."""
+    def two_layers(q, k, v):
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(x, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    last_report(reset=True)
+    fn = torch.compile(two_layers, backend="dga", options={"min_seq_len": 0, "group_size": 4, "dense_layers": [0]})
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    assert fn(q, k, v).shape == (1, 2, 40, 8)
+    sites = last_report().sites
+    assert [s.rewritten for s in sites] == [False, True] and "dense_layers=(0,)" in sites[0].reason
