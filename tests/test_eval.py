@@ -218,13 +218,12 @@ def test_recent_for_cost_with_dense_layers():
 
 
 def test_calibration_windows_lie_between_evaluation_windows(tiny_llama):
-    from dga_compile.eval.calibrate import calibration_windows
     from dga_compile.eval.run import token_windows
     tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
-    evals, cals = token_windows(tok, TEXT, 32, 3), calibration_windows(tok, TEXT, 32, 3)
+    evals, cals = token_windows(tok, TEXT, 32, 3), token_windows(tok, TEXT, 32, 3, between=True)
     assert len(cals) == 2 and all(c.shape == (1, 32) for c in cals)
     assert not any(torch.equal(c, e) for c in cals for e in evals)
-    assert len(calibration_windows(tok, TEXT, 32, 1)) == 1
+    assert len(token_windows(tok, TEXT, 32, 1, between=True)) == 1
 
 
 def test_layer_errors_and_worst_layers(tiny_llama):

@@ -1,7 +1,7 @@
 """Per-layer budget: which attention layers lose most under DGA, measured in dense forwards.
 
 For every attention layer of a causal LM, on windows of text that lie between the evaluation
-windows (`calibration_windows`), DGA and dense attention run on the same q, k, v (those of the
+windows (`run.token_windows` with ``between=True``), DGA and dense attention run on the same q, k, v (those of the
 dense model, so errors do not compound) and the layer's error is the relative error of its
 attention output on the last half of the rows, ‖o_DGA − o_dense‖ / ‖o_dense‖, pooled over the
 windows. Keeping the worst layers dense (``DGAConfig.dense_layers``) buys the most accuracy per
@@ -17,30 +17,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..api import dynamic_group_attention
 from ..config import DGAConfig
-from ..integrations.transformers import hf_attention_forward, register_forward, sdpa
+from ..integrations.transformers import dga_attend, hf_attention_forward, register_forward, sdpa
 
-__all__ = ["calibration_windows", "layer_errors", "worst_layers"]
-
-
-def calibration_windows(tokenizer, text: str, seq_len: int, windows: int) -> list[Tensor]:
-    """[1, seq_len] token windows halfway between the ``windows`` evenly spaced evaluation windows
-    of `run.token_windows` (one in the middle of the text when there is a single one)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    span = len(ids) - seq_len
-    if span < 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than seq_len={seq_len}")
-    starts = torch.linspace(0, span, windows) if windows > 1 else torch.tensor([0.0, float(span)])
-    mids = ((starts[:-1] + starts[1:]) / 2).long().tolist()
-    return [ids[s:s + seq_len][None] for s in mids]
+__all__ = ["layer_errors", "worst_layers"]
 
 
 def layer_errors(model, windows: Sequence[Tensor], config: DGAConfig) -> dict[int, float]:
     """{layer_idx: relative error of DGA's attention output on the last half of the rows}."""
-    dga = hf_attention_forward(lambda q, k, v, mask, causal, scale, p: dynamic_group_attention(
-        q, k, v, mask, p, causal, scale, enable_gqa=q.shape[1] != k.shape[1], config=config))
-    dense = hf_attention_forward(sdpa)
+    dga, dense = hf_attention_forward(dga_attend(config)), hf_attention_forward(sdpa)
     sums: dict[int, list[float]] = {}
 
     def forward(module, *args, **kwargs):

@@ -49,10 +49,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .calibrate import calibration_windows, layer_errors, worst_layers
+    from .calibrate import layer_errors, worst_layers
     from .fetch import jargon_text, resolve_model
     from .report import calibration_table, rich_table, save_json, save_plot
-    from .run import Evaluation
+    from .run import Evaluation, token_windows
 
     if args.min_seq_len is None:
         args.min_seq_len = 0
@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.calibrate:
         if ev.task != "causal-lm":
             raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
-        errors = layer_errors(ev.model, calibration_windows(ev.tokenizer, text, args.seq_len, args.windows), base)
+        errors = layer_errors(ev.model, token_windows(ev.tokenizer, text, args.seq_len, args.windows, between=True), base)
         dense = worst_layers(errors, args.calibrate)
         out.print(calibration_table(errors, dense))
         configs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]

@@ -62,15 +62,20 @@ def load_model(path: Union[str, Path]):
     return model, AutoTokenizer.from_pretrained(path), "causal-lm" if causal else "encoder"
 
 
-def token_windows(tokenizer, text: str, seq_len: int, windows: int) -> list[torch.Tensor]:
-    """``windows`` evenly spaced, non-overlapping [1, seq_len] token windows of ``text``."""
+def token_windows(tokenizer, text: str, seq_len: int, windows: int, between: bool = False) -> list[torch.Tensor]:
+    """``windows`` evenly spaced, non-overlapping [1, seq_len] token windows of ``text``; with
+    ``between``, the windows halfway between those instead (one in the middle of the text when
+    there is a single one): text the evaluation never scores, for calibration."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if len(ids) < seq_len:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than seq_len={seq_len}; use a longer text or a "
                          "smaller --seq-len")
-    n = min(windows, len(ids) // seq_len)
-    starts = torch.linspace(0, len(ids) - seq_len, n).long() if n > 1 else torch.zeros(1, dtype=torch.long)
-    return [ids[s:s + seq_len][None] for s in starts.tolist()]
+    n, span = min(windows, len(ids) // seq_len), len(ids) - seq_len
+    starts = torch.linspace(0, span, n) if n > 1 else torch.zeros(1)
+    if between:
+        edges = starts if n > 1 else torch.tensor([0.0, float(span)])
+        starts = (edges[:-1] + edges[1:]) / 2
+    return [ids[s:s + seq_len][None] for s in starts.long().tolist()]
 
 
 class Evaluation:

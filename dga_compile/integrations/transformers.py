@@ -23,7 +23,8 @@ from torch import Tensor
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
 
-__all__ = ["register", "register_attention", "register_forward", "hf_attention_forward", "sdpa", "Attend"]
+__all__ = ["register", "register_attention", "register_forward", "hf_attention_forward", "dga_attend", "sdpa",
+           "Attend"]
 
 #: ``attend(q [B,Hq,Nq,D], k [B,Hkv,Nk,D], v, attn_mask, is_causal, scale, dropout_p) -> [B,Hq,Nq,Dv]``
 #: with GQA allowed (Hq % Hkv == 0): the SDPA contract with ``enable_gqa=True``.
@@ -39,12 +40,17 @@ def register(config: Optional[DGAConfig] = None, name: str = "dga") -> str:
     cfg = config or DGAConfig()
     if not isinstance(cfg, DGAConfig):
         raise ValueError(f"config must be a DGAConfig or None, got {type(cfg).__name__}")
+    return register_attention(name, dga_attend(cfg), dense_layers=cfg.dense_layers)
+
+
+def dga_attend(config: DGAConfig) -> Attend:
+    """The `Attend` of DGA at ``config``: `dynamic_group_attention` with GQA."""
 
     def attend(q, k, v, attn_mask, is_causal, scale, dropout_p):
         return dynamic_group_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1], config=cfg)
+                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1], config=config)
 
-    return register_attention(name, attend, dense_layers=cfg.dense_layers)
+    return attend
 
 
 def sdpa(q, k, v, attn_mask, is_causal, scale, dropout_p) -> Tensor:

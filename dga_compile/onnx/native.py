@@ -32,6 +32,7 @@ _LIBRARY = REPO / "build" / "ort" / "libdga_ort.so"
 _HEADERS_DEB = "libonnxruntime-dev"
 _CXXFLAGS = ["-std=c++17", *CXXFLAGS]
 
+
 def library_path() -> Optional[pathlib.Path]:
     """The built library (``$DGA_ORT_LIBRARY`` if set), or None when it has not been built."""
     path = pathlib.Path(os.environ.get("DGA_ORT_LIBRARY", _LIBRARY))
