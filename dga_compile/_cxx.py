@@ -50,9 +50,10 @@ def up_to_date(library: pathlib.Path, source_dirs: Iterable[pathlib.Path]) -> bo
 
 @contextlib.contextmanager
 def staged(library: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields a temp path to build ``library`` into; moves it into place when the block succeeds."""
+    """Yields a temp path to build ``library`` into; renames it into place when the block succeeds
+    (atomically, beside the library: a process that has the old one loaded keeps its file)."""
     library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dga-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".dga-build-", dir=library.parent) as tmp:
         target = pathlib.Path(tmp) / library.name
         yield target
-        shutil.move(str(target), library)
+        os.replace(target, library)

@@ -3,6 +3,7 @@ settings vs equal-cost baselines. Writes JSON after every method (partial runs s
 
     python examples/accuracy_sweep.py --seq-len 2048 --windows 3 --only 0 1 2 3 4 5 6 7 8 9 --out docs/accuracy_2k.json
     python examples/accuracy_sweep.py --seq-len 4096 --windows 3 --only 0 7 5 10 8 --baselines --out docs/accuracy_4k.json
+    python examples/accuracy_sweep.py --seq-len 4096 --windows 5 --only 13 7 12 11 --out docs/accuracy_4k_beta.json
 """
 
 import argparse
@@ -29,6 +30,8 @@ SWEEP = [
     (BASE.replace(group_size=8), False),
     (BASE.replace(num_probe=128, window=512), False),
     (BASE.replace(num_probe=128, group_bias=0.0), False),
+    (BASE.replace(num_probe=128, group_bias=0.5), False),
+    (BASE.replace(num_probe=128, group_bias=0.25), True),      # the defaults since the β sweep
 ]
 
 
