@@ -24,7 +24,8 @@ class DGAConfig:
         window: w, a group is used by query i only if its anchor ≤ i − w (causal sites only);
             younger groups stay raw. ≥ 0.
         group_bias: β ≥ 0, added as β·log(m) to every group logit (β = 1: a group stands for
-            the mass of its m members).
+            the mass of its m members; β = 0: the plain reading). 0.25 measured best on a
+            pretrained model without fine-tuning (docs/ACCURACY.md).
         min_seq_len: below this key length the op computes exact dense attention; ≥ 0.
         impl: which implementation runs the op: ``"auto"`` (Triton on CUDA, blocked on CPU),
             ``"reference"`` (the spec in plain PyTorch), ``"blocked"`` or ``"triton"``.
@@ -43,7 +44,7 @@ class DGAConfig:
     group_size: int = 16
     num_probe: int = 128
     window: int = 256
-    group_bias: float = 1.0
+    group_bias: float = 0.25
     min_seq_len: int = 1024
     impl: Literal["auto", "reference", "blocked", "triton"] = "auto"
     min_saving: float = 0.25

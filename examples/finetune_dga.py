@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-import dga_compile
+from dga_compile.backend import last_report
 
 from dga_compile.eval.fetch import jargon_text, resolve_model
 from dga_compile.eval.run import load_model
@@ -78,7 +78,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         if step == 0 and not args.dense:
-            print("rewrite:", dga_compile.last_report().summary())
+            print("rewrite:", last_report().summary())
         print(f"step {step + 1:>3}/{args.steps}  loss {loss.item():.3f}  {time.perf_counter() - t0:.1f} s",
               flush=True)
     model.eval()

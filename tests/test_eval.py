@@ -142,16 +142,17 @@ def test_evaluate_encoder_cosine(tiny_bert):
 def test_cli_writes_json_and_plot(tiny_llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    out = tmp_path / "res"
+    out = tmp_path / "res-b0.25"          # a prefix with a dot: PREFIX.json, not res-b0.json
+    # The same config twice: equal points in the plot (they must not be compared as objects).
     assert eval_main([str(tiny_llama), "--text", str(text), "--seq-len", "64", "--windows", "1",
-                      "--group-size", "4", "--num-probe", "8", "--config", "window=8", "--out", str(out),
-                      "--quiet"]) == 0
-    data = json.loads(out.with_suffix(".json").read_text())
-    assert [m["kind"] for m in data["methods"]] == ["dense", "dga", "streaming", "topk"]
+                      "--group-size", "4", "--num-probe", "8", "--config", "window=8", "--config", "window=8",
+                      "--out", str(out), "--quiet"]) == 0
+    data = json.loads((tmp_path / "res-b0.25.json").read_text())
+    assert [m["kind"] for m in data["methods"]] == ["dense"] + ["dga", "streaming", "topk"] * 2
     params = data["methods"][1]["params"]
     assert (params["group_size"], params["num_probe"], params["window"], params["min_seq_len"]) == (4, 8, 8, 0)
     if pytest.importorskip("matplotlib"):
-        assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "res-b0.25.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("spec", ["window", "impl=triton", "colour=3"])

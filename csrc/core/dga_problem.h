@@ -13,7 +13,7 @@ struct Params {
   int64_t group_size = 16;
   int64_t num_probe = 128;
   int64_t window = 256;
-  float group_bias = 1.0f;
+  float group_bias = 0.25f;
   int64_t min_seq_len = 1024;
   bool is_causal = false;
   float scale = 0.0f;  // <= 0: 1/sqrt(D)

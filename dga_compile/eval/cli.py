@@ -76,9 +76,10 @@ def _run(args: argparse.Namespace) -> int:
     result = ev.result()
     out.print(rich_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out.print(f"JSON: {save_json(result, args.out.with_suffix('.json'))}")
+    prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
+    out.print(f"JSON: {save_json(result, prefix + '.json')}")
     try:
-        out.print(f"plot: {save_plot(result, args.out.with_suffix('.png'))}")
+        out.print(f"plot: {save_plot(result, prefix + '.png')}")
     except ImportError:
         out.print("plot: skipped (pip install matplotlib, or dga-compile[eval])")
     return 0

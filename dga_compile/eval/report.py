@@ -73,8 +73,8 @@ def save_plot(result: EvalResult, path: Union[str, Path]) -> Path:
     causal = result.task == "causal-lm"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind in ("dga", "streaming", "topk"):
-        pts = sorted((r.cost, r.delta_last_half if causal else 1 - r.cosine, r) for r in result.methods
-                     if r.kind == kind)
+        pts = sorted(((r.cost, r.delta_last_half if causal else 1 - r.cosine, r) for r in result.methods
+                      if r.kind == kind), key=lambda p: p[:2])
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_STYLE[kind], label=_NAMES[kind],
                     ls="none" if kind == "dga" else "-")     # DGA points are different settings: no line
