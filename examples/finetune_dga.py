@@ -6,11 +6,12 @@ backend, i.e. with DGA's forward and backward in every attention site, on window
 overlap the evaluation windows of ``dga-compile eval --seq-len EVAL_LEN --windows 3``, and
 saves an HF directory that ``dga-compile eval`` measures like any other model:
 
-    python examples/finetune_dga.py --steps 40 --out /tmp/smollm2-dga
-    python examples/finetune_dga.py --steps 40 --dense --out /tmp/smollm2-dense   # control: same recipe, SDPA
-    dga-compile eval /tmp/smollm2-dga --seq-len 4096 --windows 3
+    python examples/finetune_dga.py --steps 30 --out /tmp/smollm2-dga
+    python examples/finetune_dga.py --steps 30 --dense --out /tmp/smollm2-dense   # control: dense attention
+    dga-compile eval /tmp/smollm2-dga --seq-len 4096 --windows 3 --no-baselines
 
-The dense control separates what DGA training buys from what adapting to the text buys.
+The dense control (same windows, same order, Inductor without DGA) separates what training with
+DGA buys from what adapting to the text buys; docs/ACCURACY.md has the measurements.
 """
 
 import argparse
@@ -20,36 +21,34 @@ from pathlib import Path
 import torch
 
 from dga_compile.backend import last_report
-
 from dga_compile.eval.fetch import jargon_text, resolve_model
-from dga_compile.eval.run import load_model
+from dga_compile.eval.run import load_model, window_starts
 
 
-def training_windows(ids: torch.Tensor, seq_len: int, eval_len: int, eval_windows: int) -> list[int]:
-    """Start offsets of every whole ``seq_len`` window of ``ids`` [T] that overlaps none of the
-    evaluation windows (``eval_windows`` evenly spaced windows of ``eval_len``, as `token_windows`)."""
-    span = len(ids) - eval_len
-    evals = torch.linspace(0, span, eval_windows).long().tolist() if eval_windows > 1 else [0]
-    free = [s for s in range(0, len(ids) - seq_len + 1, seq_len)
+def training_windows(num_tokens: int, seq_len: int, eval_len: int, eval_windows: int = 3) -> list[int]:
+    """Start offsets of every whole ``seq_len`` window of a ``num_tokens`` text that overlaps none of
+    the windows ``dga-compile eval --seq-len eval_len --windows eval_windows`` scores."""
+    evals = window_starts(num_tokens, eval_len, eval_windows)
+    free = [s for s in range(0, num_tokens - seq_len + 1, seq_len)
             if all(s + seq_len <= e or s >= e + eval_len for e in evals)]
     if not free:
-        raise ValueError(f"no {seq_len}-token training window is left outside the evaluation windows of "
-                         f"{len(ids)} tokens; use a longer text or a smaller --seq-len")
+        raise ValueError(f"no {seq_len}-token training window is left outside the evaluation windows of a "
+                         f"{num_tokens}-token text; use a longer text or a smaller --seq-len")
     return free
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="HF causal-LM directory, or 'smollm2'")
     ap.add_argument("--text", help="UTF-8 text file (default: the Jargon File)")
     ap.add_argument("--out", required=True, help="new directory for the fine-tuned model (must not exist)")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
     ap.add_argument("--eval-len", type=int, default=4096, help="--seq-len of the evaluation to keep clear of")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--dense", action="store_true", help="control run: the same recipe with dense attention")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"--out {out} exists; fine-tuning writes a new directory and never overwrites one")
@@ -60,12 +59,12 @@ def main():
         raise SystemExit(f"{args.model} is an encoder; this recipe trains causal LMs")
     text = Path(args.text).read_text() if args.text else jargon_text().read_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    starts = training_windows(ids, args.seq_len, args.eval_len, 3)
+    starts = training_windows(len(ids), args.seq_len, args.eval_len)
     order = torch.randperm(len(starts)).tolist()
     print(f"{len(ids)} tokens, {len(starts)} training windows of {args.seq_len}; {args.steps} steps")
 
     model.train()
-    step_fn = torch.compile(model, backend="inductor" if args.dense else "dga",
+    compiled = torch.compile(model, backend="inductor" if args.dense else "dga",
                             options=None if args.dense else {"min_seq_len": 0})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
@@ -73,7 +72,7 @@ def main():
         s = starts[order[step % len(order)]]
         x = ids[s:s + args.seq_len][None]
         t0 = time.perf_counter()
-        loss = step_fn(input_ids=x, labels=x).loss
+        loss = compiled(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)

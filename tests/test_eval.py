@@ -1,6 +1,8 @@
 """The accuracy evaluation: cost accounting, baselines, and the API/CLI end to end on tiny random models."""
 
+import importlib.util
 import json
+import pathlib
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from dga_compile import DGAConfig  # noqa: E402
 from dga_compile.eval import CostMeter, Method, evaluate  # noqa: E402
 from dga_compile.eval.cli import main as eval_main, parse_config  # noqa: E402
 from dga_compile.eval.methods import attend_fn, recent_for_cost  # noqa: E402
+from dga_compile.eval.run import window_starts  # noqa: E402
 from dga_compile.reference import aggregate_groups, importance_scores, num_focus, split_focus  # noqa: E402
 
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0)
@@ -197,15 +200,18 @@ def test_minilm_cosine():
     assert 0.9 < res.methods[1].cosine < 1.0 and res.methods[1].cost < 1.0
 
 
+def _example(name: str):
+    """The module examples/NAME.py."""
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_demo_tiny_end_to_end(capsys):
     """`make demo` with the tiny random model: every stage runs and the summary is printed."""
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location("demo", pathlib.Path(__file__).parents[1] / "examples" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = _example("demo")
     demo.main(["--tiny", "--repeats", "1", "--tokens", "1100"])
     stages = [row[0] for row in demo.SUMMARY]
     assert stages[:3] == ["model", "text", "perplexity"] and "ONNX export + ONNX Runtime" in stages
@@ -263,3 +269,35 @@ def test_cli_calibrate(tiny_llama, tmp_path, capsys):
     assert "Per-layer DGA error" in capsys.readouterr().out
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["methods"][1]["params"]["dense_layers"]) == 1
+
+
+@pytest.mark.parametrize("num_tokens,seq_len,eval_len", [(1000, 64, 100), (20011, 512, 4096), (407269, 2048, 4096)],
+                         ids=lambda v: str(v))
+def test_finetune_windows_avoid_the_evaluation_windows(num_tokens, seq_len, eval_len):
+    """examples/finetune_dga.py trains only on whole windows that `dga-compile eval` never scores."""
+    starts = _example("finetune_dga").training_windows(num_tokens, seq_len, eval_len)
+    scored = set().union(*(range(e, e + eval_len) for e in window_starts(num_tokens, eval_len, 3)))
+    assert starts and all(0 <= s and s + seq_len <= num_tokens for s in starts)
+    assert not any(scored.intersection(range(s, s + seq_len)) for s in starts)
+    assert len(starts) >= (num_tokens - len(scored)) // seq_len - 4       # every gap is used
+
+
+def test_finetune_windows_error_names_the_sizes():
+    with pytest.raises(ValueError, match="no 2048-token training window .* 12288-token text"):
+        _example("finetune_dga").training_windows(3 * 4096, 2048, 4096)
+
+
+@pytest.mark.slow
+def test_finetune_recipe_tiny(tiny_llama, tmp_path):
+    """The recipe end to end: training through backend="dga" changes the weights and saves a new
+    HF directory; an existing --out is refused."""
+    ft, text, out = _example("finetune_dga"), tmp_path / "t.txt", tmp_path / "ft"
+    text.write_text(TEXT * 4)
+    args = ["--model", str(tiny_llama), "--text", str(text), "--steps", "2", "--seq-len", "32", "--eval-len", "64",
+            "--lr", "1e-2", "--out", str(out)]
+    ft.main(args)
+    before = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    after = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit, match="exists"):
+        ft.main(args)

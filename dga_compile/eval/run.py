@@ -19,7 +19,7 @@ from ..config import DGAConfig
 from ..integrations.transformers import register_attention
 from .methods import CostMeter, Method, attend_fn, recent_for_cost
 
-__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "load_model", "token_windows"]
+__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "load_model", "token_windows", "window_starts"]
 
 
 @dataclasses.dataclass
@@ -67,15 +67,20 @@ def token_windows(tokenizer, text: str, seq_len: int, windows: int, between: boo
     ``between``, the windows halfway between those instead (one in the middle of the text when
     there is a single one): text the evaluation never scores, for calibration."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if len(ids) < seq_len:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than seq_len={seq_len}; use a longer text or a "
+    return [ids[s:s + seq_len][None] for s in window_starts(len(ids), seq_len, windows, between)]
+
+
+def window_starts(num_tokens: int, seq_len: int, windows: int, between: bool = False) -> list[int]:
+    """Start offsets of the windows `token_windows` cuts from a text of ``num_tokens`` tokens."""
+    if num_tokens < seq_len:
+        raise ValueError(f"the text has {num_tokens} tokens, fewer than seq_len={seq_len}; use a longer text or a "
                          "smaller --seq-len")
-    n, span = min(windows, len(ids) // seq_len), len(ids) - seq_len
+    n, span = min(windows, num_tokens // seq_len), num_tokens - seq_len
     starts = torch.linspace(0, span, n) if n > 1 else torch.zeros(1)
     if between:
         edges = starts if n > 1 else torch.tensor([0.0, float(span)])
         starts = (edges[:-1] + edges[1:]) / 2
-    return [ids[s:s + seq_len][None] for s in starts.long().tolist()]
+    return starts.long().tolist()
 
 
 class Evaluation:
