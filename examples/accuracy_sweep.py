@@ -12,7 +12,7 @@ import json
 
 from dga_compile import DGAConfig
 from dga_compile.eval import Method
-from dga_compile.eval.fetch import jargon_text, smollm2
+from dga_compile.eval.fetch import read_text, smollm2
 from dga_compile.eval.run import Evaluation
 
 BASE = DGAConfig(min_seq_len=0, num_probe=64)      # the settings the sweeps started from (r = 64 until the 4K sweep)
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--baselines", action="store_true", help="equal-cost baselines after every setting")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    ev = Evaluation(smollm2(), jargon_text().read_text(), args.seq_len, args.windows, progress=False,
+    ev = Evaluation(smollm2(), read_text(), args.seq_len, args.windows, progress=False,
                     text_name="jargon-text (Debian)")
     for idx in range(len(SWEEP)) if args.only is None else args.only:
         cfg, baselines = SWEEP[idx]

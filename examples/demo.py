@@ -68,10 +68,10 @@ def _tiny_random_llama() -> Path:
 
 
 def stage_text() -> tuple[str, str]:
-    from dga_compile.eval.fetch import FetchError, jargon_text
+    from dga_compile.eval.fetch import FetchError, read_text
 
     try:
-        return jargon_text().read_text(encoding="utf-8"), "Jargon File (Debian jargon-text)"
+        return read_text(), "Jargon File (Debian jargon-text)"
     except (FetchError, OSError, StopIteration) as e:
         console.print(f"[yellow]jargon-text unavailable ({e}); using a generated text[/]")
         words = "hacker kludge cruft daemon foo bar bogus grok hack wizard".split()

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from dga_compile.backend import last_report
-from dga_compile.eval.fetch import jargon_text, resolve_model
-from dga_compile.eval.run import load_model, window_starts
+from dga_compile.eval.fetch import read_text, resolve_model
+from dga_compile.eval.run import load_model, token_ids, window_starts
 
 
 def training_windows(num_tokens: int, seq_len: int, eval_len: int, eval_windows: int = 3) -> list[int]:
@@ -57,8 +57,7 @@ def main(argv=None):
     model, tokenizer, task = load_model(resolve_model(args.model))
     if task != "causal-lm":
         raise SystemExit(f"{args.model} is an encoder; this recipe trains causal LMs")
-    text = Path(args.text).read_text() if args.text else jargon_text().read_text()
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = token_ids(tokenizer, read_text(args.text))
     starts = training_windows(len(ids), args.seq_len, args.eval_len)
     order = torch.randperm(len(starts)).tolist()
     print(f"{len(ids)} tokens, {len(starts)} training windows of {args.seq_len}; {args.steps} steps")

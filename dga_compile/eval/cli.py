@@ -50,7 +50,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import layer_errors, worst_layers
-    from .fetch import jargon_text, resolve_model
+    from .fetch import jargon_text, read_text, resolve_model
     from .report import calibration_table, rich_table, save_json, save_plot
     from .run import Evaluation, token_windows
 
@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from e
     text_path = args.text or jargon_text()
-    text = text_path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(text_path)
     out = Console()
     ev = Evaluation(resolve_model(args.model), text, args.seq_len, args.windows, not args.quiet, text_path.name)
     if args.calibrate:

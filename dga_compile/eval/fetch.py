@@ -19,10 +19,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional, Union
 
 from .._tools import debian_package, run
 
-__all__ = ["FetchError", "cache_dir", "jargon_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
+__all__ = ["FetchError", "cache_dir", "jargon_text", "read_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
 
 
 class FetchError(RuntimeError):
@@ -47,6 +48,11 @@ def jargon_text() -> Path:
             text = src.read()
     out.write_text(text, encoding="utf-8")
     return out
+
+
+def read_text(path: Optional[Union[str, Path]] = None) -> str:
+    """A text as the evaluation reads it: ``path`` (UTF-8, undecodable bytes replaced), or the Jargon File."""
+    return Path(path or jargon_text()).read_text(encoding="utf-8", errors="replace")
 
 
 def _package_dir(module: str, pypi_name: str) -> Path:

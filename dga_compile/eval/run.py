@@ -19,7 +19,8 @@ from ..config import DGAConfig
 from ..integrations.transformers import register_attention
 from .methods import CostMeter, Method, attend_fn, recent_for_cost
 
-__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "load_model", "token_windows", "window_starts"]
+__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "load_model", "token_ids", "token_windows",
+           "window_starts"]
 
 
 @dataclasses.dataclass
@@ -66,8 +67,13 @@ def token_windows(tokenizer, text: str, seq_len: int, windows: int, between: boo
     """``windows`` evenly spaced, non-overlapping [1, seq_len] token windows of ``text``; with
     ``between``, the windows halfway between those instead (one in the middle of the text when
     there is a single one): text the evaluation never scores, for calibration."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = token_ids(tokenizer, text)
     return [ids[s:s + seq_len][None] for s in window_starts(len(ids), seq_len, windows, between)]
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """[T] the token ids of ``text`` as the evaluation cuts its windows from (no special tokens)."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
 def window_starts(num_tokens: int, seq_len: int, windows: int, between: bool = False) -> list[int]:
