@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TMPDIR ?= /tmp
 
-.PHONY: demo test test-all test-gpu bench bench-gpu setup clean native
+.PHONY: demo lint test test-all test-gpu bench bench-gpu setup clean native
 
 # CPU hosts get torch==2.13.0 (a CPU build); a host whose python already has CUDA torch keeps it.
 $(STAMP): pyproject.toml Makefile
@@ -38,7 +38,10 @@ $(EVAL_STAMP): $(STAMP)
 demo: $(EVAL_STAMP) native
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP) native
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) native lint
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
 test-all: $(STAMP) native

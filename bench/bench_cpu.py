@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dga_compile import DGAConfig  # noqa: E402
-from dga_compile.blocked import blocked_attention  # noqa: E402
+from dga_compile import DGAConfig
+from dga_compile.blocked import blocked_attention
 
 B, H, D = 1, 8, 64
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -17,7 +17,6 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F

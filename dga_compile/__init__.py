@@ -4,7 +4,7 @@ from .api import dynamic_group_attention
 from .config import DGAConfig
 from .reference import reference_attention
 from .passes import RewriteError, RewriteReport, rewrite
-from .backend import backend, compile  # noqa: A004  (the function shadows the submodule attribute)
+from .backend import backend, compile
 
 __all__ = ["DGAConfig", "RewriteError", "RewriteReport", "backend", "compile", "dynamic_group_attention",
            "reference_attention", "rewrite"]

@@ -14,16 +14,13 @@ import tempfile
 from typing import Iterable, Iterator
 
 from . import _tools
+from .errors import NativeBuildError
 
-__all__ = ["REPO", "CSRC", "CXXFLAGS", "NativeBuildError", "run", "compiler", "up_to_date", "staged"]
+__all__ = ["REPO", "CSRC", "CXXFLAGS", "run", "compiler", "up_to_date", "staged"]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
 CXXFLAGS = ["-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-Wall", f"-I{CSRC / 'core'}"]
-
-
-class NativeBuildError(RuntimeError):
-    """A library could not be built (no compiler, no headers, a compile error); the message says why."""
 
 
 def run(cmd: list[str], what: str, cwd=None) -> None:

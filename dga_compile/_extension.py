@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._cxx import CSRC, CXXFLAGS, REPO, NativeBuildError, compiler, run, staged, up_to_date
+from ._cxx import CSRC, CXXFLAGS, REPO, compiler, run, staged, up_to_date
+from .errors import CLIError, NativeBuildError
 
 __all__ = ["library_path", "build_extension", "available", "applies", "attention", "add_parser"]
 
@@ -100,7 +101,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from .cli import CLIError
     try:
         path = build_extension(args.force)
     except NativeBuildError as err:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.dga.*)
+from .ops import OpCall
 from .config import DGAConfig
 from ._validation import validate_inputs
 
@@ -36,6 +36,4 @@ def dynamic_group_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask
     cfg = config or DGAConfig()
     scale = validate_inputs(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
-    return torch.ops.dga.attention(query, key, value, attn_mask, float(dropout_p), seed, bool(is_causal), scale,
-                                   float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window,
-                                   float(cfg.group_bias), cfg.min_seq_len, cfg.impl)
+    return torch.ops.dga.attention(*OpCall(query, key, value, attn_mask, dropout_p, seed, is_causal, scale, cfg).args())

@@ -54,7 +54,7 @@ def backend(config: Optional[DGAConfig] = None) -> Callable:
     return functools.partial(dga_backend, config=config)
 
 
-def compile(model: Any, config: Optional[DGAConfig] = None, **torch_compile_kwargs) -> Any:  # noqa: A001
+def compile(model: Any, config: Optional[DGAConfig] = None, **torch_compile_kwargs) -> Any:
     """``torch.compile(model, backend=backend(config), **torch_compile_kwargs)``."""
     return torch.compile(model, backend=backend(config), **torch_compile_kwargs)
 

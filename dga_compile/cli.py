@@ -28,10 +28,10 @@ from typing import Any, Optional, Sequence
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["main", "SUBCOMMANDS", "CLIError", "add_config_arguments", "config_from_args",
-           "load_model", "LoadedModel", "progress_step"]
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+__all__ = ["main", "SUBCOMMANDS", "add_config_arguments", "config_from_args",
+           "load_model", "LoadedModel", "progress_step"]
 
 #: Subcommand name -> "module:function"; ``function(subparsers)`` adds the parser, with ``handler``.
 SUBCOMMANDS: dict[str, str] = {
@@ -41,14 +41,6 @@ SUBCOMMANDS: dict[str, str] = {
     "build-ort-op": "dga_compile.onnx.native:add_parser",
     "build-ext": "dga_compile._extension:add_parser",
 }
-
-
-class CLIError(Exception):
-    """A failure reported as one line; ``code`` is the exit status (1 failure, 2 usage)."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.code = code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -67,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.handler(args)
-    except Exception as e:  # noqa: BLE001  (every failure becomes one line unless --debug)
+    except Exception as e:
         if args.debug:
             console.print_exception()
         code = e.code if isinstance(e, CLIError) else EXIT_FAILURE
@@ -174,7 +166,7 @@ def _load_pt2(path: pathlib.Path, inputs: Optional[list[str]]) -> LoadedModel:
 
     try:
         program = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001  (zip, pickle and schema errors all mean "unreadable")
+    except Exception as e:
         raise _unreadable(path, "a torch.export archive (.pt2)", e) from e
     if inputs:
         return LoadedModel(program, _sample_inputs(inputs), {}, "pt2")
@@ -191,7 +183,7 @@ def _load_pickle(path: pathlib.Path, inputs: Optional[list[str]]) -> LoadedModel
 
     try:
         model = torch.load(str(path), weights_only=False, map_location="cpu")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _unreadable(path, "a pickled nn.Module", e) from e
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"{path} holds a {type(model).__name__}, not an nn.Module; save the module itself "
@@ -213,7 +205,7 @@ def _load_huggingface(path: pathlib.Path, seq_len: int) -> LoadedModel:
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model = cls.from_pretrained(str(path), attn_implementation="sdpa", dtype=torch.float32).eval()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _unreadable(path, "a Hugging Face model directory", e) from e
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
@@ -353,6 +345,7 @@ def _inspect(args: argparse.Namespace) -> int:
     console = _console()
     config = config_from_args(args)
     from .onnx.export import dga_nodes, prepare
+    from .ops import OpCall
 
     with progress_step(console, f"Loading {args.model}"):
         loaded = load_model(args.model, args.trust_pickle, args.inputs, args.seq_len)
@@ -364,11 +357,12 @@ def _inspect(args: argparse.Namespace) -> int:
         table.add_column(col)
     sites = dga_nodes(program)
     for n in sites:
-        q, k, v, mask, _, _, causal, _, gamma, m, r, w, beta, min_len, _ = n.args
-        shapes = " ".join(str(list(x.meta["val"].shape)) for x in (q, k, v))
-        mask_s = "none" if mask is None else str(mask.meta["val"].dtype).removeprefix("torch.")
-        table.add_row(n.name, shapes, mask_s, "yes" if causal else "no", f"{gamma:g}", str(m), str(r), str(w),
-                      f"{beta:g}", str(min_len))
+        call = OpCall.parse(n.args)
+        c = call.config
+        shapes = " ".join(str(list(x.meta["val"].shape)) for x in (call.q, call.k, call.v))
+        mask_s = "none" if call.attn_mask is None else str(call.attn_mask.meta["val"].dtype).removeprefix("torch.")
+        table.add_row(n.name, shapes, mask_s, "yes" if call.is_causal else "no", f"{c.focus_ratio:g}",
+                      str(c.group_size), str(c.num_probe), str(c.window), f"{c.group_bias:g}", str(c.min_seq_len))
     Console().print(table)
     console.print(f"{len(sites)} DGA site(s)", highlight=False)
     return EXIT_OK

@@ -6,9 +6,13 @@ import dataclasses
 import math
 from typing import Literal
 
-__all__ = ["DGAConfig", "IMPLEMENTATIONS"]
+__all__ = ["DGAConfig", "IMPLEMENTATIONS", "OP_FIELDS"]
 
 IMPLEMENTATIONS = ("auto", "reference", "blocked", "triton")
+
+#: The `DGAConfig` fields the op ``torch.ops.dga.attention`` carries as arguments, in argument
+#: order (`dga_compile.ops.OpCall` builds and parses them); the other fields are rewrite policy.
+OP_FIELDS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "impl")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,6 @@ settings vs equal-cost baselines. Writes JSON after every method (partial runs s
 """
 
 import argparse
-import dataclasses
 import json
 
 from dga_compile import DGAConfig

@@ -39,7 +39,8 @@ def _note(stage: str, result: str, note: str = "") -> None:
 
 def stage_model(tiny: bool) -> tuple[Path, str]:
     """(HF model directory, description). Falls back to a tiny random Llama."""
-    from dga_compile.eval.fetch import FetchError, smollm2
+    from dga_compile.errors import FetchError
+    from dga_compile.eval.fetch import smollm2
 
     if tiny:
         return _tiny_random_llama(), "tiny random Llama (--tiny)"
@@ -68,7 +69,8 @@ def _tiny_random_llama() -> Path:
 
 
 def stage_text() -> tuple[str, str]:
-    from dga_compile.eval.fetch import FetchError, read_text
+    from dga_compile.errors import FetchError
+    from dga_compile.eval.fetch import read_text
 
     try:
         return read_text(), "Jargon File (Debian jargon-text)"

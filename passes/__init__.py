@@ -4,7 +4,8 @@
 `_rules.py`, the shared checks and the rewrite in `_rewrite.py`, the report in `_report.py`.
 """
 
-from ._report import RewriteError, RewriteReport, Site
+from ..errors import RewriteError
+from ._report import RewriteReport, Site
 from ._rewrite import rewrite, rewrite_graph_module
 
 __all__ = ["RewriteError", "RewriteReport", "Site", "rewrite", "rewrite_graph_module"]

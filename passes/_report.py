@@ -6,13 +6,11 @@ import dataclasses
 import logging
 from typing import Optional
 
-__all__ = ["RewriteError", "RewriteReport", "Site"]
+from ..errors import RewriteError
+
+__all__ = ["RewriteReport", "Site"]
 
 log = logging.getLogger("dga_compile.passes")
-
-
-class RewriteError(RuntimeError):
-    """Raised with ``DGAConfig(strict=True)`` when an attention site could not be rewritten."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,9 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .. import ops  # noqa: F401  (registers torch.ops.dga.*)
-from ..config import DGAConfig
 from .._validation import finite_bias
+from ..config import DGAConfig
+from ..ops import OpCall
 from . import _graph as g
 from ._graph import aten
 from ._report import RewriteReport, Site
@@ -233,7 +233,7 @@ def _mask_kind(x: Any, consts: dict, depth: int) -> str:
         return "additive" if g.is_zero(c) or g.is_masked_value(c) else "bias"
     if depth == 0:
         return "bias"
-    worst = lambda *xs: max((_mask_kind(a, consts, depth - 1) for a in xs), key=_MASK_ORDER.index)  # noqa: E731
+    worst = lambda *xs: max((_mask_kind(a, consts, depth - 1) for a in xs), key=_MASK_ORDER.index)
     if g.is_op(x, g.CAST | g.LAYOUT):
         return worst(x.args[0])
     if g.is_op(x, g.ADD):
@@ -312,9 +312,7 @@ def _insert(graph: fx.Graph, m: Match, cfg: DGAConfig) -> None:
         if m.dropout_p > 0:
             seed = _call(graph, aten.randint.low, (0, 2**62, []), anchor,
                          dict(dtype=torch.int64, device=g.tensor_val(m.q).device))
-        args = (q, k, m.v, mask, float(m.dropout_p), seed, bool(m.is_causal), float(m.scale),
-                float(cfg.focus_ratio), cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias),
-                cfg.min_seq_len, cfg.impl)
+        args = OpCall(q, k, m.v, mask, m.dropout_p, seed, m.is_causal, m.scale, cfg).args()
         out = _call(graph, torch.ops.dga.attention.default, args, anchor)
     anchor.replace_all_uses_with(out)
     if m.backward is not None:

@@ -169,7 +169,7 @@ def test_parse_config():
 
 
 def _fetched(fetcher):
-    from dga_compile.eval.fetch import FetchError
+    from dga_compile.errors import FetchError
 
     try:
         return fetcher()

@@ -192,7 +192,7 @@ def test_op_impl_triton_forward_and_backward():
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     for name, a, b in zip("qkv", leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_triton_op_eager_matches_launcher():

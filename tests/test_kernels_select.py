@@ -11,8 +11,8 @@ from dga_compile.reference import aggregate_groups, importance_scores, split_foc
 from dga_compile._validation import visible_rows
 
 pytest.importorskip("triton")
-from dga_compile.kernels.aggregation import aggregate_groups_triton  # noqa: E402
-from dga_compile.kernels.scoring import importance_scores_triton  # noqa: E402
+from dga_compile.kernels.aggregation import aggregate_groups_triton
+from dga_compile.kernels.scoring import importance_scores_triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -68,7 +68,7 @@ def test_aggregate_groups_kernel(B, Hq, Hkv, N, D, Dv, dtype, causal, keypad, st
            torch.full((B, Hq, G, Dv), float("nan"), device=DEV, dtype=dtype))
     kg, vg = aggregate_groups_triton(q, k, v, nonfocus, D ** -0.5, m, out=out)
     for name, got, want in (("K̄", kg, ref.keys), ("V̄", vg, ref.values)):
-        torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype], msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype], msg=lambda s, name=name: f"{name}: {s}")
 
 
 GPU_CASES = [

@@ -9,6 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from dga_cases import SMALL, TOL, make_mask, qkv
 from dga_compile import DGAConfig, dynamic_group_attention, reference_attention
 from dga_compile.blocked import blocked_attention
+from dga_compile.ops import OpCall
 
 #: A config under which a 16-token causal input has focus tokens, complete groups and raw ones.
 TINY = DGAConfig(focus_ratio=0.25, group_size=3, num_probe=4, window=2, min_seq_len=0)
@@ -16,8 +17,8 @@ TINY = DGAConfig(focus_ratio=0.25, group_size=3, num_probe=4, window=2, min_seq_
 
 def _op_args(q, k, v, attn_mask=None, is_causal=False, cfg=TINY, impl="blocked", dropout_p=0.0, seed=None):
     """The op's positional arguments (scale 1/sqrt(D))."""
-    return (q, k, v, attn_mask, dropout_p, seed, is_causal, 1.0 / math.sqrt(q.shape[-1]), cfg.focus_ratio,
-            cfg.group_size, cfg.num_probe, cfg.window, cfg.group_bias, cfg.min_seq_len, impl)
+    return OpCall(q, k, v, attn_mask, dropout_p, seed, is_causal, 1.0 / math.sqrt(q.shape[-1]),
+                  cfg.replace(impl=impl)).args()
 
 
 def _grads(out, inputs, seed=0):
@@ -54,7 +55,7 @@ def test_blocked_op_grads_match_reference_autograd_B2_H4_KV2_N150_D8(dtype, caus
     b = _leaves(*inputs)
     want = _grads(reference_attention(*b, attn_mask, causal, None, SMALL), b)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("impl", ["blocked", "reference"])
@@ -86,7 +87,7 @@ def test_dropout_reproduced_in_backward(cfg, impl):
         torch.manual_seed(1234)
         want = _grads(fn(*b, None, True, None, cfg, dropout_p=0.3), b)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m, name=name: f"{name}: {m}")
     no_dropout = torch.ops.dga.attention(*_op_args(*inputs, None, True, cfg, impl))
     assert (got[0] - no_dropout).abs().max() > 1e-2
 
@@ -113,4 +114,4 @@ def test_compile_fullgraph_matches_eager_B2_H4_KV2_N64_D8(backend):
     assert torch.ops.dga.attention in {n.target for n in counter.graphs[0].graph.nodes}
     want = _grads(fn(*b), b)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")

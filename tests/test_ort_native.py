@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from dga_compile.config import DGAConfig  # noqa: E402
+from dga_compile.errors import NativeBuildError  # noqa: E402
 from dga_compile.onnx import DOMAIN, OP_TYPE, native  # noqa: E402
 from dga_compile.reference import reference_attention  # noqa: E402
 
@@ -26,7 +27,7 @@ ATOL = RTOL = 1e-4
 def library():
     try:
         return native.build_library()
-    except native.NativeBuildError as err:
+    except NativeBuildError as err:
         pytest.skip(f"native ORT op library cannot be built here: {err}")
 
 

@@ -30,7 +30,7 @@ def test_exact_cases_equal_sdpa(case, dtype, causal, heads, mask):
     for name, fn in PATHS.items():
         got = fn(q, k, v, attn_mask, causal, None, cfg)
         assert got.dtype == dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

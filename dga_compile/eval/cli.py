@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 from rich.console import Console
 
-from ..cli import EXIT_USAGE, CLIError, add_config_arguments, config_from_args
+from ..cli import add_config_arguments, config_from_args
+from ..errors import EXIT_USAGE, CLIError
 from ..config import DGAConfig
 
 __all__ = ["add_parser", "parse_config", "main"]

@@ -22,12 +22,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .._tools import debian_package, run
+from ..errors import FetchError
 
-__all__ = ["FetchError", "cache_dir", "jargon_text", "read_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
-
-
-class FetchError(RuntimeError):
-    """A model or text could not be fetched; the message says what to install or pass instead."""
+__all__ = ["cache_dir", "jargon_text", "read_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,7 @@ import onnx
 import onnx.checker
 import torch
 
-from .. import ops  # noqa: F401  (registers torch.ops.dga.*)
+from ..ops import OpCall
 from ..config import DGAConfig
 from ._function import function_proto
 from ._schema import DOMAIN, DOMAIN_VERSION, OP_TYPE, node_attributes, register_schema
@@ -101,13 +101,14 @@ def with_function(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _translate(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, focus_ratio, group_size, num_probe,
-               window, group_bias, min_seq_len, impl):
-    """Translation of ``dga.attention`` (traced by the exporter; arguments are ONNX IR values)."""
+def _translate(*args):
+    """Translation of ``dga.attention`` (traced by the exporter; tensor arguments are ONNX IR values)."""
     import onnx_ir as ir
     import onnxscript
     from onnxscript import opset18 as op
 
+    call = OpCall.parse(args)
+    attn_mask, dropout_p = call.attn_mask, call.dropout_p
     if dropout_p:
         raise ValueError(f"dga.attention with dropout_p={dropout_p} cannot be exported; put the model in eval() mode")
     if attn_mask is None:
@@ -118,10 +119,8 @@ def _translate(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, fo
         rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
         if rank < 4:
             mask = op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - rank))))
-    cfg = DGAConfig(focus_ratio=focus_ratio, group_size=group_size, num_probe=num_probe, window=window,
-                    group_bias=group_bias, min_seq_len=min_seq_len)
     dga = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), OP_TYPE)
-    return dga(q, k, v, mask, **node_attributes(cfg, is_causal, scale))
+    return dga(call.q, call.k, call.v, mask, **node_attributes(call.config, call.is_causal, call.scale))
 
 
 def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path, check: bool) -> pathlib.Path:

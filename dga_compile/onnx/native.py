@@ -20,11 +20,10 @@ import sys
 from typing import Optional
 
 from .._tools import debian_package
-from .._cxx import CSRC, CXXFLAGS, REPO, NativeBuildError, compiler, run, staged, up_to_date
-from ..cli import CLIError
+from .._cxx import CSRC, CXXFLAGS, REPO, compiler, run, staged, up_to_date
+from ..errors import CLIError, NativeBuildError
 
-__all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library",
-           "NativeBuildError", "add_parser"]
+__all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library", "add_parser"]
 
 _SOURCES = (CSRC / "ort", CSRC / "core")
 _CACHE = REPO / ".cache" / "ort-headers"
