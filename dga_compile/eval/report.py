@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Union
@@ -134,7 +135,7 @@ def load_json(path: Union[str, Path]) -> EvalResult:
     """The `EvalResult` a `save_json` file holds."""
     data = json.loads(Path(path).read_text())
     data["methods"] = [MethodResult(**m) for m in data["methods"]]     # fields added later take their defaults
-    return EvalResult(**data)
+    return EvalResult(**{f.name: data[f.name] for f in dataclasses.fields(EvalResult) if f.name in data})
 
 
 def save_plot(result: EvalResult, path: Union[str, Path]) -> Path:
