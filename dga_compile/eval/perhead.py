@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._validation import visible_4d
+from .calibrate import run_windows
 from .cost import SiteProfile, solve_increasing, span_entries
 from .methods import current_site, register_method
 
@@ -53,13 +54,7 @@ def head_locality(model, windows: Sequence[Tensor], sinks: int = 4, recent: int 
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                                 scale=scale, enable_gqa=Hq != hkv)
 
-    model.set_attn_implementation(register_method("dga-calibrate-heads", attend, attend))
-    try:
-        with torch.no_grad():
-            for ids in windows:
-                model(input_ids=ids)
-    finally:
-        model.set_attn_implementation("sdpa")
+    run_windows(model, register_method("dga-calibrate-heads", attend, attend), windows)
     return {head: mass / max(n, 1.0) for head, (mass, n) in sorted(sums.items())}
 
 
