@@ -72,7 +72,8 @@ class Method:
         if self.kind == "streaming":
             return f"StreamingLLM {self.sinks} sinks + {self.recent} recent{dense}"
         if self.kind == "topk":
-            recent = "recent at equal cost" if self.cost_target is not None else f"{self.recent} recent"
+            recent = f"≈{self.recent} recent (equal cost per call)" if self.cost_target is not None else \
+                f"{self.recent} recent"
             return f"top-k γ={c.focus_ratio:g} + {recent}{dense}"
         if self.kind == "perhead":
             return f"per-head: {len(self.dense_heads)} kv heads dense, others {self.sinks} sinks + {self.recent} recent"
