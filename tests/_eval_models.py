@@ -1,5 +1,6 @@
 """Tiny random HF models and a text for the evaluation's tests (built into a temp dir, no download)."""
 
+import pytest
 import torch
 import transformers
 
@@ -46,3 +47,13 @@ def tiny_gemma3(path):
     transformers.Gemma3ForCausalLM(cfg).save_pretrained(path)
     _tokenizer_dir(path)
     return path
+
+
+def fetched(fetcher):
+    """``fetcher()`` (a real model or text from `dga_compile.eval.fetch`), or skip the test if it cannot be had."""
+    from dga_compile.errors import FetchError
+
+    try:
+        return fetcher()
+    except (FetchError, ImportError) as e:
+        pytest.skip(f"cannot fetch: {e}")

@@ -156,21 +156,12 @@ def test_parse_config():
     assert parse_config("window=0, group_bias=0") == DGAConfig(min_seq_len=0, window=0, group_bias=0.0)
 
 
-def _fetched(fetcher):
-    from dga_compile.errors import FetchError
-
-    try:
-        return fetcher()
-    except (FetchError, ImportError) as e:
-        pytest.skip(f"cannot fetch: {e}")
-
-
 @pytest.mark.slow
 def test_smollm2_on_jargon_text():
     """Real model and text: an exact config equals dense; the defaults cost less and stay close."""
     from dga_compile.eval.fetch import jargon_text, smollm2
 
-    model, text = _fetched(smollm2), _fetched(jargon_text).read_text()
+    model, text = _eval_models.fetched(smollm2), _eval_models.fetched(jargon_text).read_text()
     res = evaluate(model, text, seq_len=1024, windows=1, progress=False, baselines=(),
                    configs=[DGAConfig(min_seq_len=0, group_size=1), DGAConfig(min_seq_len=0)])
     dense, exact, dga = res.methods
@@ -182,7 +173,7 @@ def test_smollm2_on_jargon_text():
 def test_minilm_cosine():
     from dga_compile.eval.fetch import minilm
 
-    res = evaluate(_fetched(minilm), TEXT, seq_len=256, windows=2, progress=False, baselines=(),
+    res = evaluate(_eval_models.fetched(minilm), TEXT, seq_len=256, windows=2, progress=False, baselines=(),
                    configs=[DGAConfig(min_seq_len=0, group_size=4, num_probe=16)])
     assert res.task == "encoder"
     assert 0.9 < res.methods[1].cosine < 1.0 and res.methods[1].cost < 1.0

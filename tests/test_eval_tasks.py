@@ -109,21 +109,12 @@ def test_sites_report_sliding_window_layers(tiny_gemma3):
     assert abs(streaming.cost - dga.cost) < 0.03                   # solved against each site's own visible keys
 
 
-def _fetched(fetcher):
-    from dga_compile.errors import FetchError
-
-    try:
-        return fetcher()
-    except (FetchError, ImportError) as e:
-        pytest.skip(f"cannot fetch: {e}")
-
-
 @pytest.mark.slow
 def test_gemma3_reports_its_sliding_window_sites():
     """Gemma 3 270M: 15 of its 18 layers have a 512-token window; the report says DGA ran in all 18."""
     from dga_compile.eval.fetch import gemma3, jargon_text
 
-    model, text = _fetched(gemma3), _fetched(jargon_text).read_text()
+    model, text = _eval_models.fetched(gemma3), _eval_models.fetched(jargon_text).read_text()
     res = evaluate(model, text, seq_len=1024, windows=1, progress=False, baselines=("streaming",))
     dense, dga, streaming = res.methods
     assert [s["sliding_window"] for s in dga.sites] == [None if (i + 1) % 6 == 0 else 512 for i in range(18)]
@@ -138,7 +129,7 @@ def test_smollm2_passkey_dense_retrieves():
     included (a quarter of dense at 1K with r = 128)."""
     from dga_compile.eval.fetch import jargon_text, smollm2
 
-    model, text = _fetched(smollm2), _fetched(jargon_text).read_text()
+    model, text = _eval_models.fetched(smollm2), _eval_models.fetched(jargon_text).read_text()
     res = evaluate(model, text, seq_len=1024, windows=3, progress=False, baselines=(), task="passkey", trials=3,
                    configs=[DGAConfig(min_seq_len=0)])
     dense, dga = res.methods
