@@ -99,6 +99,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
 
     ``local_window``: the spec's window rule applies (`_validation.causal_like`). ``out``, if
     given, is written whole (tests pass a poisoned one)."""
+    if not available():
+        raise RuntimeError(f"the C++ extension {library_path()} is not built or is turned off by DGA_NATIVE=0; "
+                           f"build it with: dga-compile build-ext")
     q, k, v = (x.float().contiguous() for x in (q, k, v))
     if out is None:
         out = q.new_empty(q.shape[:3] + v.shape[3:])
