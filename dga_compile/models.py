@@ -154,26 +154,27 @@ def _needs_code(archive: zipfile.ZipFile) -> list[str]:
     ``torch.load(weights_only=True)``: a full unpickler or native code (one phrase each)."""
     from torch.export.pt2_archive import constants as c
 
-    entries = {name.split("/", 1)[-1]: name for name in archive.namelist()}  # without the archive's root folder
+    names = set(archive.namelist())
     found = []
-    aoti = next((part for part in entries if part.startswith(c.AOTINDUCTOR_DIR)), None)
-    if aoti:
-        found.append(f"it holds AOTInductor code ({aoti}), native code that torch.export.load loads")
-    for part, name in entries.items():
-        legacy = part.endswith(".pt") and not part.startswith(c.SAMPLE_INPUTS_DIR)  # 2.7 format, legacy weights
-        if (part.startswith(c.SAMPLE_INPUTS_DIR) or legacy) and not _weights_only(archive.read(name)):
-            found.append(f"its {'example inputs' if not legacy else part} need a full unpickler")
-    for folder, kind in ((c.WEIGHTS_DIR, "weight"), (c.CONSTANTS_DIR, "constant")):
-        for part, name in entries.items():
-            if not (part.startswith(folder) and part.endswith("_config.json")):
-                continue
+    for name in sorted(names):
+        top, sep, part = name.partition("/")  # the archive's root folder, then the path torch reads
+        root, part = (top + sep, part) if sep else ("", name)
+        if part.startswith(c.AOTINDUCTOR_DIR):
+            found.append(f"it holds AOTInductor code ({c.AOTINDUCTOR_DIR}), native code that torch.export.load loads")
+        elif part.startswith(c.SAMPLE_INPUTS_DIR) or part.endswith(".pt"):  # .pt: legacy weights, the 2.7 format
+            if not _weights_only(archive.read(name)):
+                found.append(f"its {'example inputs' if part.startswith(c.SAMPLE_INPUTS_DIR) else part} need a "
+                             f"full unpickler")
+        elif part.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and part.endswith("_config.json"):
+            folder = c.WEIGHTS_DIR if part.startswith(c.WEIGHTS_DIR) else c.CONSTANTS_DIR
             for fqn, meta in json.loads(archive.read(name))["config"].items():
-                payload = entries.get(folder + meta["path_name"])
+                payload = root + folder + meta["path_name"]
                 if meta["path_name"].startswith((c.CUSTOM_OBJ_FILENAME_PREFIX, c.OPAQUE_OBJ_FILENAME_PREFIX)):
-                    found.append(f"its {kind} {fqn} is a pickled Python object")
-                elif meta.get("use_pickle") and (payload is None or not _weights_only(archive.read(payload))):
-                    found.append(f"its {kind} {fqn} needs a full unpickler")
-    return found
+                    found.append(f"its constant {fqn} is a pickled Python object")
+                elif meta.get("use_pickle") and (payload not in names or not _weights_only(archive.read(payload))):
+                    found.append(f"its {'weight' if folder == c.WEIGHTS_DIR else 'constant'} {fqn} needs a full "
+                                 f"unpickler")
+    return list(dict.fromkeys(found))
 
 
 def _weights_only(data: bytes) -> bool:
