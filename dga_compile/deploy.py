@@ -55,8 +55,9 @@ def check_output(output: PathLike, source: Optional[PathLike] = None, force: boo
     if source is not None and out.exists() and pathlib.Path(source).exists():
         src = pathlib.Path(source)
         if os.path.samefile(out, src):
+            other = out.with_suffix(".onnx") if out.suffix != ".onnx" else out.with_name("model.onnx")
             raise ValueError(f"the output {out} is the model {src} itself (the same file); write the ONNX file "
-                             f"elsewhere, e.g. -o {out.with_suffix('.onnx') if out.suffix != '.onnx' else 'model.onnx'}")
+                             f"elsewhere, e.g. -o {other}")
         if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
             raise ValueError(f"the output {out} is a file of the model directory {src}; write the ONNX file elsewhere")
     if out.is_dir():
@@ -106,7 +107,8 @@ class Verification:
         """Why it failed, or None: a non-finite error (NaN anywhere) or one above ``tolerance``."""
         for o in self.outputs:
             if not math.isfinite(o.max_abs):
-                return f"output {o.name}: the error is {o.max_abs} (a NaN or infinity in ONNX Runtime's or PyTorch's result)"
+                return (f"output {o.name}: the error is {o.max_abs} (a NaN or infinity in ONNX Runtime's or "
+                        f"PyTorch's result)")
         worst = max((o.max_abs for o in self.outputs), default=0.0)
         if worst > self.tolerance:
             return f"max abs error {worst:.3g} > tolerance {self.tolerance:g}"

@@ -175,8 +175,10 @@ def test_output_inside_the_model_directory_is_refused(models, tmp_path, capsys):
     assert "model directory" in _error(capsys) and (hf / "config.json").read_bytes() == before
 
 
-@pytest.mark.parametrize("where,message", [pytest.param("dir", "is a directory", id="existing-dir"),
-                                           pytest.param("file/x.onnx", "is a file, not a directory", id="under-a-file")])
+@pytest.mark.parametrize("where,message", [
+    pytest.param("dir", "is a directory", id="existing-dir"),
+    pytest.param("file/x.onnx", "is a file, not a directory", id="under-a-file"),
+])
 def test_output_path_is_checked_before_any_work(models, tmp_path, capsys, monkeypatch, where, message):
     """``-o existing_dir --force`` failed only after the whole export; ``-o file/x.onnx`` said "File exists"."""
     (tmp_path / "dir").mkdir()
