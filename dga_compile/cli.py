@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from ._command import add_config_arguments, config_from_args, console, progress_step, run, usage_errors
+from ._command import CONFIG_FLAGS, add_config_arguments, config_from_args, console, progress_step, run, usage_errors
 from .errors import EXIT_OK, VerificationError
 
 __all__ = ["main", "SUBCOMMANDS"]
@@ -74,6 +74,15 @@ def _step(out: Console):
     return lambda description: progress_step(out, description)
 
 
+def _warn_kept_parameters(args: argparse.Namespace, out: Console, dga_sites: int, rewritten: int) -> None:
+    """DGA flags do not change sites that called DGA before the rewrite: say so when flags were given."""
+    given = [f for f in CONFIG_FLAGS if getattr(args, f) is not None] + (["dense_layers"] if args.dense_layers else [])
+    if given and dga_sites > rewritten:
+        out.print(f"[yellow]warning:[/] {dga_sites - rewritten} site(s) of {args.model} already called DGA and keep "
+                  f"their own parameters; the DGA flags ({', '.join(given)}) apply to the sites rewritten now",
+                  highlight=False)
+
+
 # ------------------------------------------------------------------------- convert
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
@@ -112,6 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
         if e.verification is not None:
             Console().print(_verification_table(e.verification))
         raise
+    _warn_kept_parameters(args, out, done.dga_nodes, done.report.num_rewritten)
     if not done.dga_nodes:
         out.print("[yellow]warning:[/] no attention site became DGA; the ONNX model computes dense attention")
     out.print(f"[green]wrote[/] {done.path} ({done.path.stat().st_size / 2**20:.1f} MiB): {done.dga_nodes} "
@@ -150,6 +160,7 @@ def _inspect(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     found = deploy.inspect(_load(args, out), config, step=_step(out))
     found.report.print(Console())
+    _warn_kept_parameters(args, out, len(found.sites), found.report.num_rewritten)
     table = Table(title=f"DGA sites in {args.model}")
     for col in ("node", "q / k / v", "mask", "causal", "γ", "m", "r", "w", "β", "dense below"):
         table.add_column(col)

@@ -286,6 +286,16 @@ def test_flags_that_do_not_apply_are_refused(models, capsys, argv, message):
     assert message in _error(capsys)
 
 
+def test_dga_flags_on_sites_that_already_call_dga_are_not_silent(models, capsys):
+    """``--group-bias`` and the other DGA flags silently did nothing to an archive whose sites
+    already call DGA (they keep the parameters they were traced with)."""
+    assert main(["inspect", str(models / "llama.pt2"), "--group-bias", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "1 site(s)" in err and "keep their own parameters" in err and "group_bias" in err
+    assert main(["inspect", str(models / "llama.pt2")]) == 0
+    assert "keep their own parameters" not in capsys.readouterr().err
+
+
 def test_eval_without_tokenizer_is_one_line(models, tmp_path, capsys):
     """``dga-compile eval`` on a directory without a tokenizer gave transformers' internal message."""
     text = tmp_path / "t.txt"
