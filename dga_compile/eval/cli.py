@@ -86,17 +86,17 @@ _ABOUT = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-
           "and text: perplexity (causal LMs) or pooled-embedding cosine (encoders); table, JSON, PNG.")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds ``eval``."""
-    p = subparsers.add_parser("eval", help=_ABOUT, description=_ABOUT)
+def _with_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _arguments(p)
     p.set_defaults(handler=_run)
     return p
 
 
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``eval``."""
+    return _with_arguments(subparsers.add_parser("eval", help=_ABOUT, description=_ABOUT))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dga_compile.eval ...``: the same as ``dga-compile eval ...``; the exit status."""
-    p = argparse.ArgumentParser(prog="python -m dga_compile.eval", description=_ABOUT)
-    _arguments(p)
-    p.set_defaults(handler=_run)
-    return run(p, argv)
+    return run(_with_arguments(argparse.ArgumentParser(prog="python -m dga_compile.eval", description=_ABOUT)), argv)
