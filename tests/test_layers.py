@@ -36,8 +36,10 @@ LAYERS = [
     (7, "backend", ("dga_compile.backend",)),
     (7, "onnx", ("dga_compile.onnx",)),
     (8, "package", ("dga_compile.__init__",)),                           # what `import dga_compile` exposes
-    (9, "eval", ("dga_compile.eval",)),
-    (10, "cli", ("dga_compile.cli",)),                                   # nothing imports it
+    (9, "eval", ("dga_compile.eval", "dga_compile.models")),             # evaluation; load_model (its aliases fetch)
+    (10, "deploy", ("dga_compile.deploy",)),                             # convert / inspect / compare as functions
+    (11, "cli", ("dga_compile.cli", "dga_compile._command", "dga_compile.eval.cli",
+                 "dga_compile.eval.__main__")),                          # the command lines; nothing imports them
 ]
 #: Imported only inside the functions that build or fetch; they import only `errors`.
 TOOLING = ("dga_compile._cxx", "dga_compile._tools")
@@ -45,7 +47,6 @@ TOOLING = ("dga_compile._cxx", "dga_compile._tools")
 #: Imports that break the layers today, in other teams' areas, each with the layer rule it breaks.
 #: Remove an entry when its import is gone (`test_known_violations_still_exist` says so).
 KNOWN_VIOLATIONS = {
-    ("dga_compile.eval.cli", "dga_compile.cli"): "eval (9) imports the CLI (10): add_config_arguments",
     ("dga_compile.eval.fetch", "dga_compile._tools"): "tooling imported at module level",
     ("dga_compile.onnx.native", "dga_compile._cxx"): "tooling imported at module level",
     ("dga_compile.onnx.native", "dga_compile._tools"): "tooling imported at module level",
@@ -159,7 +160,7 @@ def test_known_violations_still_exist():
                  "layer 3 (kernels) imports layer 4 (op)", id="kernel-imports-the-op"),
     pytest.param("def f():\n    from ..blocked import blocked_attention\n", "dga_compile.kernels.pipeline",
                  "dga_compile.blocked", "layer 3 (kernels) imports layer 3 (blocked)", id="sibling-in-a-function"),
-    pytest.param("from . import cli\n", "dga_compile.config", "dga_compile.cli", "layer 0 (base) imports layer 10",
+    pytest.param("from . import cli\n", "dga_compile.config", "dga_compile.cli", "layer 0 (base) imports layer 11",
                  id="relative-to-the-cli"),
     pytest.param("from dga_compile import DGAConfig\n", "dga_compile.selection", "dga_compile",
                  "layer 1 (selection) imports layer 8 (package)", id="the-package-facade"),
