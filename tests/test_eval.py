@@ -18,7 +18,7 @@ from dga_compile.eval.cli import main as eval_main, parse_config  # noqa: E402
 from dga_compile.eval.cost import SiteProfile, recent_for_cost  # noqa: E402
 from dga_compile.eval.methods import attend_fn  # noqa: E402
 from dga_compile.eval.run import window_starts  # noqa: E402
-from dga_compile.reference import aggregate_groups, importance_scores, num_focus, split_focus  # noqa: E402
+from dga_compile.selection import aggregate_groups, importance_scores, num_focus, split_focus  # noqa: E402
 
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0)
 TEXT = _eval_models.TEXT
@@ -214,8 +214,10 @@ def test_calibration_windows_lie_between_evaluation_windows(tiny_llama):
 
 def test_layer_errors_and_worst_layers(tiny_llama):
     from dga_compile.eval.calibrate import layer_errors, worst_layers
-    from dga_compile.eval.run import load_model, token_windows
-    model, tok, _ = load_model(tiny_llama)
+    from dga_compile.eval.run import token_windows
+    from dga_compile.models import load_model
+    loaded = load_model(tiny_llama, tokenizer=True)
+    model, tok = loaded.model, loaded.tokenizer
     wins = token_windows(tok, TEXT, 96, 1)
     errors = layer_errors(model, wins, SMALL)
     assert sorted(errors) == [0, 1] and all(0 < e < 10 for e in errors.values())

@@ -9,7 +9,7 @@ from dga_compile import DGAConfig
 from dga_compile.eval.cost import CostMeter, Site, SiteProfile, recent_for_cost, span_entries
 from dga_compile.eval.methods import Call, Method, attend_fn
 from dga_compile.eval.perhead import plan_for_cost
-from dga_compile.reference import aggregate_groups, importance_scores, num_focus, split_focus
+from dga_compile.selection import aggregate_groups, importance_scores, num_focus, split_focus
 from dga_compile._validation import causal_like, visible_4d
 
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0)

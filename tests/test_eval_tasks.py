@@ -16,7 +16,8 @@ from dga_compile.eval.cli import main as eval_main  # noqa: E402
 from dga_compile.eval.passkey import DEPTHS, NEEDLE, passkey_trials  # noqa: E402
 from dga_compile.eval.perhead import head_locality  # noqa: E402
 from dga_compile.eval.report import markdown_depth_table, markdown_table, site_summary  # noqa: E402
-from dga_compile.eval.run import load_model, token_ids, token_windows  # noqa: E402
+from dga_compile.eval.run import token_ids, token_windows  # noqa: E402
+from dga_compile.models import load_model  # noqa: E402
 
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0)
 TEXT = _eval_models.TEXT
@@ -85,7 +86,8 @@ def test_cli_passkey_two_lengths(tiny_llama, tmp_path):
 
 
 def test_head_locality_is_a_mass_share(tiny_llama):
-    model, tok, _ = load_model(tiny_llama)
+    loaded = load_model(tiny_llama, tokenizer=True)
+    model, tok = loaded.model, loaded.tokenizer
     wins = token_windows(tok, TEXT, 96, 2, between=True)
     local = head_locality(model, wins, sinks=2, recent=8)
     assert sorted(local) == [(layer, h) for layer in range(2) for h in range(2)]

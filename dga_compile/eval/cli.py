@@ -1,7 +1,7 @@
 """``dga-compile eval MODEL [--text FILE] [--seq-len N] ...``: the command-line face of `dga_compile.eval`.
 
-`add_parser` is registered as ``eval`` in `dga_compile.cli.SUBCOMMANDS`; also runs as
-``python -m dga_compile.eval``.
+`add_parser` is registered as ``eval`` in `dga_compile.cli.SUBCOMMANDS`; `main` runs it alone,
+as ``python -m dga_compile.eval`` (both through `dga_compile._command.run`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from typing import Optional, Sequence
 
 from rich.console import Console
 
-from ..cli import add_config_arguments, config_from_args
-from ..errors import EXIT_USAGE, CLIError
+from .._command import CONFIG_FLAGS, add_config_arguments, config_from_args, run, usage_errors
 from ..config import DGAConfig
+from ..errors import EXIT_USAGE, CLIError
 from .run import BASELINES, TASKS
 
 __all__ = ["add_parser", "parse_config", "main"]
-
-_NUMERIC = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len")
 
 
 def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGAConfig:
@@ -27,8 +25,8 @@ def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGACo
     changes = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, sep, val = item.partition("=")
-        if not sep or key not in _NUMERIC:
-            raise ValueError(f"--config entries are KEY=VALUE with KEY in {_NUMERIC}, got {item!r}")
+        if not sep or key not in CONFIG_FLAGS:
+            raise ValueError(f"--config entries are KEY=VALUE with KEY in {CONFIG_FLAGS}, got {item!r}")
         changes[key] = float(val) if key in ("focus_ratio", "group_bias") else int(val)
     return base.replace(**changes)
 
@@ -81,34 +79,32 @@ def _baselines(spec: str) -> tuple[str, ...]:
 
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import layer_errors, worst_layers
-    from .fetch import jargon_text, read_text, resolve_model
+    from .fetch import jargon_text, read_text
     from .report import calibration_table, rich_table, save_json, save_plot, site_summary
-    from .run import Evaluation, load_model
+    from .run import Evaluation
+    from ..models import load_model
 
     if args.min_seq_len is None:
         args.min_seq_len = 0
     base = config_from_args(args)
-    try:
+    with usage_errors():
         configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
-    except ValueError as e:
-        raise CLIError(str(e), EXIT_USAGE) from e
     if args.trials < 1:
         raise CLIError(f"--trials must be ≥ 1, got {args.trials}", EXIT_USAGE)
     text_path = args.text or jargon_text()
     text = read_text(text_path)
     out = Console()
-    model_dir = resolve_model(args.model)
-    loaded = load_model(model_dir)
-    if args.task == "passkey" and loaded[2] != "causal-lm":
-        raise CLIError(f"--task passkey needs a causal LM; {args.model} is an {loaded[2]}", EXIT_USAGE)
+    loaded = load_model(args.model, seq_len=max(args.seq_len), tokenizer=True)     # one model, every length
+    if args.task == "passkey" and loaded.task != "causal-lm":
+        raise CLIError(f"--task passkey needs a causal LM; {args.model} is an {loaded.task}", EXIT_USAGE)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
     for seq_len in args.seq_len:
-        ev = Evaluation(model_dir, text, seq_len, args.windows, not args.quiet, text_path.name, args.task,
+        ev = Evaluation(args.model, text, seq_len, args.windows, not args.quiet, text_path.name, args.task,
                         args.trials, args.seed, loaded=loaded)
         cfgs = configs
         if args.calibrate:
-            if loaded[2] != "causal-lm":
+            if loaded.task != "causal-lm":
                 raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
             errors = layer_errors(ev.model, ev.calibration_windows(), base)
             dense = worst_layers(errors, args.calibrate)
@@ -127,19 +123,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds ``eval``."""
-    about = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window, per-head) on a real "
-             "model and text, every score entry counted: perplexity or passkey retrieval (causal LMs), "
-             "pooled-embedding cosine (encoders); table, JSON, PNG.")
-    p = subparsers.add_parser("eval", help=about, description=about)
+_ABOUT = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window, per-head) on a real "
+          "model and text, every score entry counted: perplexity or passkey retrieval (causal LMs), "
+          "pooled-embedding cosine (encoders); table, JSON, PNG.")
+
+
+def _with_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _arguments(p)
     p.set_defaults(handler=_run)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dga-compile eval ...`` through the project CLI."""
-    from ..cli import main as cli_main
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``eval``."""
+    return _with_arguments(subparsers.add_parser("eval", help=_ABOUT, description=_ABOUT))
 
-    return cli_main(["eval", *(argv or [])])
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dga_compile.eval ...``: the same as ``dga-compile eval ...``; the exit status."""
+    return run(_with_arguments(argparse.ArgumentParser(prog="python -m dga_compile.eval", description=_ABOUT)), argv)

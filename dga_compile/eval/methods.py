@@ -33,7 +33,7 @@ from torch import Tensor
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
 from ..integrations.transformers import hf_attention_forward, register_forward
-from ..reference import importance_scores, num_focus, split_focus
+from ..selection import importance_scores, num_focus, split_focus
 from .._validation import causal_like, dga_applies, visible_4d
 from .cost import NO_SITE, Cost, CostMeter, Site, solve_increasing
 
@@ -214,7 +214,7 @@ def _complete_counts(call: Call, members: Tensor, window: int) -> Tensor:
         before = torch.searchsorted(members[..., 0].contiguous(), lo.contiguous())
         upto = torch.searchsorted(members[..., -1].contiguous(), last.contiguous(), right=True)
         return (upto - before).clamp(min=0).float()
-    from ..reference import complete_groups
+    from ..selection import complete_groups
 
     vis_full = call.vis.expand(B, Hq, nq, nk).cpu()
     complete = torch.zeros(B, Hq, nq)

@@ -18,11 +18,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..config import DGAConfig
+from ..models import LoadedModel, load_model
 from .cost import CostMeter, recent_for_cost
 from .methods import Method, attend_fn, register_method
 
-__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "load_model", "token_ids", "token_windows",
-           "window_starts", "BASELINES", "TASKS"]
+__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "token_ids", "token_windows", "window_starts",
+           "BASELINES", "TASKS"]
 
 #: The baselines measured after each DGA config, at its cost.
 BASELINES = ("streaming", "topk", "perhead")
@@ -65,17 +66,6 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def load_model(path: Union[str, Path]):
-    """(model, tokenizer, task) for an HF model directory, fp32, eval mode, SDPA attention."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.is_decoder
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return model, AutoTokenizer.from_pretrained(path), "causal-lm" if causal else "encoder"
-
-
 def token_windows(tokenizer, text: str, seq_len: int, windows: int, between: bool = False) -> list[torch.Tensor]:
     """``windows`` evenly spaced, non-overlapping [1, seq_len] token windows of ``text``; with
     ``between``, the windows halfway between those instead (one in the middle of the text when
@@ -104,15 +94,17 @@ def window_starts(num_tokens: int, seq_len: int, windows: int, between: bool = F
 
 class Evaluation:
     """A loaded model and its task (token windows or passkey trials); `run` measures one method
-    against the dense run. ``loaded``: a `load_model` result to reuse (several lengths, one model)."""
+    against the dense run. ``loaded``: a `dga_compile.models.load_model` result (with its
+    tokenizer) to reuse: several lengths, one model."""
 
     def __init__(self, model_path: Union[str, Path], text: str, seq_len: int = 2048, windows: int = 3,
                  progress: bool = True, text_name: str = "text", task: str = "perplexity", trials: int = 20,
-                 seed: int = 0, loaded: Optional[tuple] = None):
+                 seed: int = 0, loaded: Optional[LoadedModel] = None):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.model_path, self.text_name, self.seq_len, self.progress = str(model_path), text_name, seq_len, progress
-        self.model, self.tokenizer, kind = loaded or load_model(model_path)
+        loaded = loaded or load_model(model_path, seq_len=seq_len, tokenizer=True)   # an HF directory or alias
+        self.model, self.tokenizer, kind = loaded.model, loaded.tokenizer, loaded.task
+        self.model_path, self.text_name, self.seq_len, self.progress = str(loaded.path), text_name, seq_len, progress
         self.text, self.num_windows = text, windows
         if task == "passkey":
             from .passkey import PasskeyTask, passkey_trials

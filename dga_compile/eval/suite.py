@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 from ..config import DGAConfig
 from .report import load_json, markdown_depth_table, markdown_table, markdown_window_table, save_plot, site_summary, \
     write_text
-from .run import EvalResult, Evaluation, load_model
+from ..models import load_model
+from .run import EvalResult, Evaluation
 
 __all__ = ["Entry", "Table", "run_suite", "regenerate", "entry_tables", "saved_result"]
 
@@ -89,18 +90,13 @@ def run_suite(entries: Sequence[Entry], out_dir: Union[str, Path], text: str, te
             log(f"{entry.name}: done ({path})")
             results[entry.name] = load_json(path)
             continue
-        model = entry.model() if callable(entry.model) else _resolve(entry.model)
+        model = entry.model() if callable(entry.model) else entry.model
         if str(model) not in loaded:
             loaded.clear()                                   # one model in memory at a time
-            loaded[str(model)] = load_model(model)
+            longest = max(e.seq_len for e in entries if e.model == entry.model)
+            loaded[str(model)] = load_model(model, seq_len=longest, tokenizer=True)
         results[entry.name] = _run_entry(entry, model, loaded[str(model)], path, text, text_name, state, progress, log)
     return results
-
-
-def _resolve(name: str) -> Path:
-    from .fetch import resolve_model
-
-    return resolve_model(name)
 
 
 def _state(path: Path) -> Optional[dict]:
