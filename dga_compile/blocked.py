@@ -24,8 +24,9 @@ from torch import Tensor
 from ._blocked_fast import fast_attention, fast_path_applies
 from ._validation import causal_like, dga_applies, mask_4d, validate_config, visible_rows
 from .config import DGAConfig
-from .reference import dense_attention
-from .selection import Selection, aggregate_groups, focus_split, gather_rows, select, working_dtype
+from .reference import dense_attention, softmax_rows
+from .selection import (Selection, aggregate_groups, block_expansion, focus_split, gather_rows, group_mass, select,
+                        working_dtype)
 
 __all__ = ["blocked_attention", "BLOCK_SIZE"]
 
@@ -114,15 +115,30 @@ def _candidates_masked(sel: Selection, vis: Tensor, i0: int, i1: int, causal: bo
     return _Candidates(n_f, focus_ok, n_g, complete[..., :n_g], raw_idx, raw_ok)
 
 
+def _per_q(x: Tensor, rep: int) -> Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv, rep, L, D]: a kv head's rows for each of its query heads."""
+    return x[:, :, None].expand(-1, -1, rep, -1, -1)
+
+
+def _gathered(sel: Selection, c: _Candidates, rep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The candidate keys and values [B, Hkv, rep, L, D] (focus prefix, group prefix, raw keys)
+    and their permission ``ok`` [B, Hkv, rep, b, L]."""
+    B, Hkv = sel.focus.shape[:2]
+    grp = lambda x: x[..., :c.n_group, :].view(B, Hkv, rep, c.n_group, x.shape[-1])
+    keys = torch.cat([_per_q(sel.kf[..., :c.n_focus, :], rep), grp(sel.kbar),
+                      _per_q(gather_rows(sel.kn, c.raw_idx), rep)], 3)
+    values = torch.cat([_per_q(sel.vf[..., :c.n_focus, :], rep), grp(sel.vbar),
+                        _per_q(gather_rows(sel.vn, c.raw_idx), rep)], 3)
+    b = c.raw_ok.shape[-2]
+    ok = torch.cat([t.expand(B, Hkv, rep, b, -1) for t in (c.focus_ok, c.group_ok, c.raw_ok)], -1)
+    return keys, values, ok
+
+
 def _attend_block(qb: Tensor, sel: Selection, c: _Candidates, group_logit: float, dropout_p: float,
                   scale: float) -> Tensor:
     """qb [B, Hkv, rep, b, D] -> [B, Hkv, rep, b, Dv] over the candidate keys, one softmax."""
     B, Hkv, rep, b, D = qb.shape
-    kq = lambda x: x[:, :, None].expand(-1, -1, rep, -1, -1)                          # kv head -> q heads
-    grp = lambda x: x[..., :c.n_group, :].view(B, Hkv, rep, c.n_group, x.shape[-1])
-    keys = torch.cat([kq(sel.kf[..., :c.n_focus, :]), grp(sel.kbar), kq(gather_rows(sel.kn, c.raw_idx))], 3)
-    values = torch.cat([kq(sel.vf[..., :c.n_focus, :]), grp(sel.vbar), kq(gather_rows(sel.vn, c.raw_idx))], 3)
-    ok = torch.cat([t.expand(B, Hkv, rep, b, -1) for t in (c.focus_ok, c.group_ok, c.raw_ok)], -1)
+    keys, values, ok = _gathered(sel, c, rep)
     bias = torch.zeros(ok.shape[-1], dtype=qb.dtype, device=qb.device)
     bias[c.n_focus:c.n_focus + c.n_group] = group_logit
     mask = torch.where(ok, bias, float("-inf"))
@@ -132,13 +148,72 @@ def _attend_block(qb: Tensor, sel: Selection, c: _Candidates, group_logit: float
     return out.view(B, Hkv, rep, b, -1)
 
 
+class _Block(NamedTuple):
+    """What step 5′ needs of one query block besides its candidates: the keys and values a dense
+    (block, head) attends to, k/v [B, Hkv, n, D], and their visibility, bool broadcastable to
+    [B, Hkv, rep, b, n] (None: all visible)."""
+
+    k: Tensor
+    v: Tensor
+    vis: Optional[Tensor]
+
+
+def _expanding_block(qb: Tensor, sel: Selection, c: _Candidates, blk: _Block, cfg: DGAConfig,
+                     dropout_p: float, scale: float) -> Tensor:
+    """Steps 5′ and 5 for one query block of ``cfg.query_block`` rows: qb [B, Hkv, rep, b, D] ->
+    [B, Hkv, rep, b, Dv]. The estimate reuses step 5's logits (βe on the group columns); the
+    members of the expanded groups are gathered from the non-focus order (each group one run of
+    m); a dense (block, head) attends to every visible key. The choice of E has no gradient."""
+    B, Hkv, rep, b, D = qb.shape
+    m, log_m = cfg.group_size, math.log(cfg.group_size)
+    n_f, n_g = c.n_focus, c.n_group
+    keys, values, ok = _gathered(sel, c, rep)
+    dots = scale * qb @ keys.transpose(-1, -2)                                        # [B, Hkv, rep, b, L]
+    is_group = torch.zeros(ok.shape[-1], dtype=dots.dtype, device=qb.device)            # 1 on group columns
+    is_group[n_f:n_f + n_g] = 1.0
+    complete = c.group_ok.expand(B, Hkv, rep, b, n_g)
+    with torch.no_grad():
+        estimate = torch.where(ok, dots + is_group * (cfg.expand_bias * log_m), float("-inf"))
+        expand, dense = block_expansion(group_mass(estimate, n_f, n_g), complete, cfg)   # [B, Hkv, rep, n_g]
+        expand &= ~dense[..., None]
+        union = expand.any(2)                                                          # [B, Hkv, n_g]
+        n_e = int(union.sum(-1).max()) if n_g else 0
+        groups = (~union).to(torch.uint8).argsort(dim=-1, stable=True)[..., :n_e]          # expanded first
+        per_q = groups[:, :, None, :].expand(-1, -1, rep, -1)
+        member_ok = (expand.gather(-1, per_q)[..., None, :] & complete.gather(-1, per_q[..., None, :].expand(
+            -1, -1, -1, b, -1))).repeat_interleave(m, -1)                              # [B, Hkv, rep, b, n_e·m]
+        members = (groups[..., None] * m + torch.arange(m, device=qb.device)).flatten(-2)   # non-focus order
+        merged = ok.clone()
+        merged[..., n_f:n_f + n_g] &= ~expand[..., None, :]
+    km, vm = gather_rows(sel.kn, members), gather_rows(sel.vn, members)
+    logits = torch.cat([torch.where(merged, dots + is_group * (cfg.group_bias * log_m), float("-inf")),
+                        torch.where(member_ok, scale * qb @ _per_q(km, rep).transpose(-1, -2), float("-inf"))], -1)
+    probs = _dropout(softmax_rows(logits), dropout_p)
+    L = keys.shape[3]
+    out = probs[..., :L] @ values + probs[..., L:] @ _per_q(vm, rep)
+    if not bool(dense.any()):
+        return out
+    at = dense.nonzero(as_tuple=True)                                                  # (batch, kv head, rep)
+    dense_logits = scale * qb[at] @ blk.k[at[:2]].transpose(-1, -2)                    # [n_dense, b, n]
+    if blk.vis is not None:
+        vis = blk.vis.expand(B, Hkv, rep, b, blk.k.shape[2])[at]
+        dense_logits = dense_logits.masked_fill(~vis, float("-inf"))
+    return out.index_put(at, _dropout(softmax_rows(dense_logits), dropout_p) @ blk.v[at[:2]])
+
+
+def _dropout(probs: Tensor, p: float) -> Tensor:
+    return F.dropout(probs, p) if p else probs
+
+
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       is_causal: bool = False, scale: Optional[float] = None,
                       config: Optional[DGAConfig] = None, dropout_p: float = 0.0,
                       block_size: int = BLOCK_SIZE) -> Tensor:
     """DGA, blocked. Same contract as `reference_attention`; differentiable (autograd).
 
-    Calls without a mask that need no grad take `_blocked_fast` on the CPU.
+    Calls without a mask that need no grad take `_blocked_fast` on the CPU (τ = 0 only). With
+    step 5′ (``expand_mass > 0``) the query blocks are the spec's, ``config.query_block`` rows,
+    and ``block_size`` is not used.
     """
     cfg = validate_config(config)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -149,7 +224,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
         return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
     group_logit = cfg.group_bias * math.log(cfg.group_size)
-    if fast_path_applies(q, k, v, attn_mask, dropout_p):
+    if fast_path_applies(q, k, v, attn_mask, dropout_p, cfg):
         focus, nonfocus = focus_split(q, k, None, is_causal, scale, cfg)
         grp = aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
         out = fast_attention(q, k, v, focus, nonfocus, grp, is_causal, scale, cfg.window, cfg.group_size,
@@ -158,7 +233,10 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     mask = mask_4d(attn_mask)
     window = is_causal or causal_like(mask, False)
     sel = select(q, k, v, mask, is_causal, scale, cfg)
-    qv = q.view(B, Hkv, Hq // Hkv, Nq, D)
+    rep = Hq // Hkv
+    qv = q.view(B, Hkv, rep, Nq, D)
+    expanding = cfg.expand_mass > 0
+    block_size = cfg.query_block if expanding else block_size
     outs = []
     for i0 in range(0, Nq, block_size):
         i1 = min(i0 + block_size, Nq)
@@ -167,5 +245,15 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
         else:
             vis = visible_rows(mask, is_causal, i0, i1, Nk, q.device)
             cand = _candidates_masked(sel, vis, i0, i1, is_causal, window, cfg)
-        outs.append(_attend_block(qv[:, :, :, i0:i1], sel, cand, group_logit, dropout_p, scale))
+        if not expanding:
+            outs.append(_attend_block(qv[:, :, :, i0:i1], sel, cand, group_logit, dropout_p, scale))
+            continue
+        if mask is not None:
+            blk = _Block(k, v, vis.expand(B, Hq, i1 - i0, Nk).reshape(B, Hkv, rep, i1 - i0, Nk))
+        elif is_causal:
+            blk = _Block(k[:, :, :i1], v[:, :, :i1], torch.ones(i1 - i0, i1, dtype=torch.bool,
+                                                                device=q.device).tril(i0))
+        else:
+            blk = _Block(k, v, None)
+        outs.append(_expanding_block(qv[:, :, :, i0:i1], sel, cand, blk, cfg, dropout_p, scale))
     return torch.cat(outs, 3).view(B, Hq, Nq, -1).to(out_dtype)
