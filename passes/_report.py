@@ -28,6 +28,8 @@ class Site:
         rewritten: whether the site now calls ``torch.ops.dga.attention``.
         reason: why not (or, for rewritten sites, notes such as the derived scale).
         node: name of the graph node that anchors the site.
+        position: the site's place in model order, as `policy.SiteFacts.position` (the layer
+            index for HF models); what `DGAConfig.dense_layers` names.
     """
 
     rule: str
@@ -41,6 +43,7 @@ class Site:
     rewritten: bool
     reason: str
     node: str
+    position: Optional[int] = None
 
     def describe(self) -> str:
         where = self.module or self.node
