@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ..ops import OpCall
@@ -90,10 +90,25 @@ def _call(graph: fx.Graph, target, args: tuple, like: fx.Node, kwargs: Optional[
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
-    fake_args = tree_map_only(fx.Node, g.val, (args, kwargs or {}))
-    modes = {x.fake_mode for x in tree_flatten(fake_args)[0] if isinstance(x, FakeTensor)}
-    if len(modes) == 1:  # make_fx graphs may mix modes: the node then goes without "val"
-        with modes.pop():
-            value = target(*fake_args[0], **fake_args[1])
+    value = _fake_value(target, tree_map_only(fx.Node, g.val, (args, kwargs or {})))
+    if value is not None:
         node.meta["val" if "val" in like.meta or "example_value" not in like.meta else "example_value"] = value
     return node
+
+
+def _fake_value(target, fake_args: tuple):
+    """``target`` run on the arguments' fake values; make_fx graphs may mix fake modes: then on
+    fresh fakes of the same (static) shapes. None when that is not possible either."""
+    leaves = tree_flatten(fake_args)[0]
+    modes = {x.fake_mode for x in leaves if isinstance(x, FakeTensor)}
+    if len(modes) == 1:
+        with modes.pop():
+            return target(*fake_args[0], **fake_args[1])
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    if any(not all(isinstance(n, int) for n in t.shape) for t in tensors):
+        return None
+    mode = FakeTensorMode()
+    with mode:
+        fresh = tree_map_only(torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                                          device=t.device), fake_args)
+        return target(*fresh[0], **fresh[1])

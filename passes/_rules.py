@@ -430,7 +430,7 @@ class MatmulSoftmaxRule(Rule):
         if read is None or read[1].dims[-2:] != (read[0].free[0], read[0].free[1]):
             return "the softmax is not over the keys of a product q·kᵀ with one contracted dim"
         c, s_layout, masks_at = read
-        roles = _roles(s_layout)
+        roles = _roles(s_layout, c.repeat)
         if isinstance(roles, str):
             return roles
         b, h = roles
@@ -511,13 +511,20 @@ def _read_scores(xs, ys, zs, tx, ty, steps) -> Optional[tuple]:
     return c, lay, masks_at
 
 
-def _roles(s: Layout):
-    """(B atom, H atom) from the dims of the scores before [Nq, Nk], or a reason."""
+def _roles(s: Layout, repeat: dict):
+    """(B atom, H atom) from the dims of the scores before [Nq, Nk], or a reason. Merged
+    [B·H, Nq, Nk] scores show the split when q is a reshape of a 4-D tensor: two atoms, or one
+    beside a size-1 dim (B = 1 or H = 1; the one that repeats on the k side is H)."""
     lead = s.dims[:-2]
     if len(lead) == 2 and all(len(d) <= 1 for d in lead):
         return tuple(d[0] if d else None for d in lead)
     if len(lead) == 1 and len(lead[0]) == 2:
         return lead[0]
+    if len(lead) == 1 and len(lead[0]) == 1 and len(g.shape(lead[0][0][0])) == 4:
+        (a,) = lead[0]
+        src = g.shape(a[0])
+        size_one_before = any(g.known_equal(src[d], 1) for d in range(a[1]))
+        return (None, a) if size_one_before or repeat.get(a) else (a, None)
     if len(lead) == 1 and len(lead[0]) == 1:
         return ("3-D [B·H, N, D] attention whose split of B·H into batch and heads the graph does not show "
                 "(q/k/v are not reshapes of [B, H, N, D] tensors): reshape them from [B, H, N, D], or call "

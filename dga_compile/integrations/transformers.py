@@ -49,7 +49,7 @@ def register(config: Optional[DGAConfig] = None, name: str = "dga") -> str:
     Registering again under the same name replaces the config (models look the function up
     by name at every forward) and clears `last_report`.
     """
-    cfg = config or DGAConfig()
+    cfg = DGAConfig() if config is None else config
     if not isinstance(cfg, DGAConfig):
         raise TypeError(f"config must be a DGAConfig or None, got {type(cfg).__name__}; use DGAConfig(...)")
     return register_attention(name, dga_attend(cfg), config=cfg)
@@ -142,8 +142,10 @@ def hf_attention_forward(attend: Attend, dense: Attend = sdpa, dense_layers: Seq
             key, value = key[:, :, :nq], value[:, :, :nq]
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # HF passes the layer's window
         window = window if config is not None and attention_mask is not None else None
+        cross = getattr(module, "is_cross_attention", False)  # HF's flag on modules that read encoder states
         facts = policy.SiteFacts(position=getattr(module, "layer_idx", None), nq=nq, nk=key.shape[2],
-                                 window=window, causal=declared, weights_used=bool(kwargs.get("output_attentions")))
+                                 window=window, causal=declared, same_sequence=False if cross else None,
+                                 weights_used=bool(kwargs.get("output_attentions")))
         decision = policy.decide(facts, cfg)
         if decisions is not None and (nq > 1 or facts.position not in decisions):
             decisions[facts.position] = _site(module, facts, decision, query, key, value, attention_mask, causal)
