@@ -24,7 +24,7 @@ from torch import fx
 
 from . import _graph as g
 from ._graph import aten
-from ._insert import insert_site
+from ._insert import insert_site, replace_backward
 from ._layout import Layout, Operand, apply, bind, contract, einsum_operands, layout_step, mask_plan, plan, \
     subscripts, trace
 from ._walk import MANY_USERS, Stop, Walker
@@ -164,7 +164,6 @@ class SdpaRule(Rule):
     def rewrite(self, graph: fx.Graph, m: Match, config) -> tuple:
         args = insert_site(graph, m, config)
         if m.backward is not None:
-            from ._insert import replace_backward
             replace_backward(graph, m, args)
         return args
 

@@ -17,7 +17,7 @@ from torch import fx
 
 from . import _graph as g
 
-__all__ = ["MAX_NODES", "PASS_THROUGH", "Stop", "Trail", "Walker", "value_users"]
+__all__ = ["MANY_USERS", "MAX_NODES", "PASS_THROUGH", "Stop", "Trail", "Walker", "value_users"]
 
 #: Ops whose output holds their first argument's values in another dtype, shape or layout
 #: (casts, views, copies, broadcasts, slices): a walk steps over them unless ``step`` claims them.
