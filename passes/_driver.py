@@ -18,12 +18,12 @@ import torch
 from torch import fx
 
 from ..config import DGAConfig
+from .. import policy
+from ..policy import RewriteReport, Site
 from . import _graph as g
-from . import policy
 from ._checks import check_site
 from ._masks import MaskTracer
 from ._provenance import same_sequence
-from ._report import RewriteReport, Site
 from ._rules import RULES, Match, Rule
 from ._walk import Walker
 

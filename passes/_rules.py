@@ -4,7 +4,7 @@ A rule has three parts (the onnxscript rewriter's shape): ``pattern(node)`` retu
 ``node`` is not its anchor, else a `Match` (named bindings; a near miss carries a ``reason``:
 it is data, not an exception); ``check(match)`` adds the rule's own reasons; ``rewrite``
 inserts the op (`_insert.insert_site`). The checks every site shares live in `_checks.py`, the
-policy in `policy.py`, the driver in `_driver.py`.
+policy in `dga_compile/policy.py`, the driver in `_driver.py`.
 
 Rules (one per spelling family, variants as tags):
 - `SdpaRule`: one fused call; tags name the target (``torch``, ``aten``, ``aten:flash_cpu`` …).

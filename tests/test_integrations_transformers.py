@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from dga_compile import DGAConfig  # noqa: E402
 from dga_compile.integrations.transformers import last_report, register, register_attention  # noqa: E402
-from dga_compile.passes import policy  # noqa: E402
+from dga_compile import policy  # noqa: E402
 from hf_reference import register_reference  # noqa: E402
 
 EXACT = DGAConfig(group_size=1, min_seq_len=0)

@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from dga_cases import TOL
 from dga_compile import DGAConfig, RewriteError, reference_attention, rewrite
-from dga_compile.passes import policy
+from dga_compile import policy
 
 EXACT = DGAConfig(focus_ratio=1.0, group_size=4, window=2, num_probe=4, min_seq_len=0)
 #: γ < 1 at small N: DGA really groups (m = 4), windows (w = 4) and probes (r = 8)

@@ -8,7 +8,7 @@
 mask builder of "sdpa" in `AttentionMaskInterface`, so every layer gets exactly the mask SDPA
 would get: None for plain causal/bidirectional layers (the function then passes
 ``is_causal``), a bool [B, 1, Nq, Nk] mask for padding and sliding-window layers (their window
-is kept). Each call asks the site policy (`dga_compile.passes.policy`, the same decision
+is kept). Each call asks the site policy (`dga_compile.policy`, the same decision
 ``torch.compile(backend="dga")``, `dga_compile.rewrite` and ONNX export make) whether the layer
 runs DGA: layers in ``DGAConfig.dense_layers``, sliding-window layers whose window leaves DGA
 less than ``DGAConfig.min_saving`` to save, and decode steps (Nq ≠ Nk) run SDPA. `last_report`
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
-from ..passes import RewriteReport, Site, policy
+from .. import policy
+from ..policy import RewriteReport, Site
 
 __all__ = ["register", "register_attention", "register_forward", "hf_attention_forward", "dga_attend", "sdpa",
            "eager_attention", "last_report", "Attend"]
@@ -57,7 +58,7 @@ def register(config: Optional[DGAConfig] = None, name: str = "dga") -> str:
 
 def last_report(name: str = "dga") -> RewriteReport:
     """The decision of every layer (in layer order) that attention ``name`` has run for: rewritten
-    into DGA, or dense and why (the reasons of `dga_compile.passes.policy`)."""
+    into DGA, or dense and why (the reasons of `dga_compile.policy`)."""
     sites = _DECISIONS.get(name, {})
     return RewriteReport([sites[k] for k in sorted(sites, key=lambda p: (p is None, p if p is not None else 0))])
 
