@@ -31,6 +31,7 @@ LAYERS = [
     (3, "cpp", ("dga_compile._extension",)),
     (4, "op", ("dga_compile.ops", "dga_compile.dispatch")),             # custom op, OpCall, the table
     (5, "api", ("dga_compile.api",)),
+    (5, "policy", ("dga_compile.policy",)),                              # the one site policy, its report
     (6, "passes", ("dga_compile.passes",)),
     (6, "integrations", ("dga_compile.integrations",)),
     (7, "backend", ("dga_compile.backend",)),
