@@ -32,7 +32,8 @@ def program():
     return prepare(TinyLlama(layers=1).eval(), llama_inputs(2, 24))[0]
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027], ids=["umask022", "umask077", "umask027"])
+@pytest.mark.parametrize("umask", [0o027, pytest.param(0o022, marks=pytest.mark.slow), pytest.param(0o077, marks=pytest.mark.slow)],
+                         ids=["umask027", "umask022", "umask077"])
 def test_export_new_file_gets_the_umask_mode(program, tmp_path, umask):
     """Regression: exports came out 0600 whatever the umask (mkstemp's mode kept on rename)."""
     old = os.umask(umask)
@@ -43,7 +44,8 @@ def test_export_new_file_gets_the_umask_mode(program, tmp_path, umask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600], ids=oct)
+@pytest.mark.parametrize("mode", [0o640, pytest.param(0o644, marks=pytest.mark.slow), pytest.param(0o600, marks=pytest.mark.slow)],
+                         ids=oct)
 def test_export_overwrite_keeps_the_replaced_files_mode(program, tmp_path, mode):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"old")

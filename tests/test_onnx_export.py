@@ -21,6 +21,9 @@ from _onnx_models import (CONFIG, ORT_LEVELS, TinyBert, TinyLlama, bert_inputs, 
                           op_session, qkv, reference_twin, run_isolated, run_op)
 
 ATOL, RTOL = 3e-5, 1e-4
+#: Every ORT optimisation level; `make test` runs BASIC (the first that folds) and ALL, the rest are slow.
+LEVELS = [level if level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL") else pytest.param(level, marks=pytest.mark.slow)
+          for level in ORT_LEVELS]
 
 
 def _mask(kind: str, b: int, hq: int, n: int):
@@ -129,7 +132,7 @@ def test_focus_ties_go_to_smaller_positions():
     torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("opset", [18, 19, 20, 21, 23])
+@pytest.mark.parametrize("opset", [18, pytest.param(19, marks=pytest.mark.slow), pytest.param(20, marks=pytest.mark.slow), 21, 23])
 def test_function_body_valid_for_each_opset(opset):
     """The body is stamped with the model's ai.onnx opset (`export.with_function`): each must check and compute the same."""
     q, k, v = qkv(2, 4, 2, 150, 150, seed=opset)
@@ -173,7 +176,7 @@ def test_loop_bodies_read_no_outer_value():
 STATIC_KINDS = ["none", "pad", "tril-pad", "band"]
 
 
-@pytest.mark.parametrize("level", ORT_LEVELS)
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("kind", STATIC_KINDS, ids=[f"B2-H4-Hkv2-N150-static-{k}" for k in STATIC_KINDS])
 def test_function_body_static_shapes_every_optimization_level(kind, level, tmp_path):
     """Static shapes make every If condition and shape scalar constant: ONNX Runtime folds and
@@ -268,7 +271,7 @@ def test_exported_model_function_body_matches_reference(exported, name):
         _compare_model(model, sess, inputs, n)
 
 
-@pytest.mark.parametrize("level", ORT_LEVELS)
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("shapes", ["static", "dynamic"])
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_exported_model_every_optimization_level(exported, name, shapes, level, tmp_path):
