@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TMPDIR ?= /tmp
 
-.PHONY: demo lint test test-all test-gpu bench bench-gpu setup clean native
+.PHONY: demo lint test test-all test-gpu bench bench-gpu setup clean native accuracy
 
 # CPU hosts get torch==2.13.0 (a CPU build); a host whose python already has CUDA torch keeps it.
 $(STAMP): pyproject.toml Makefile
@@ -37,6 +37,11 @@ $(EVAL_STAMP): $(STAMP)
 
 demo: $(EVAL_STAMP) native
 	$(BIN)/python examples/demo.py
+
+# Every measurement docs/ACCURACY.md reports, rerun, with its tables rewritten from the JSON
+# (docs/accuracy/); resumable, hours on 2 cores. ACCURACY_ARGS="--only smollm2-2k" picks entries.
+accuracy: $(EVAL_STAMP) native
+	$(BIN)/python examples/accuracy_suite.py $(ACCURACY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

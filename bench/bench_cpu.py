@@ -1,6 +1,7 @@
-"""CPU benchmark: blocked DGA vs `F.scaled_dot_product_attention` (not a test).
+"""CPU benchmark: DGA (the public op, impl="auto") vs `F.scaled_dot_product_attention` (not a test).
 
-Causal self-attention, B=1, H=8, D=64, fp32, no grad. For each N the two run interleaved in one
+Causal self-attention, B=1, H=8, D=64, fp32, no grad: "auto" runs the C++ kernel when it is built,
+else the blocked PyTorch path (the table's "DGA path" column says which). For each N the two run interleaved in one
 process (SDPA, DGA, SDPA, DGA, ...) and the medians are compared, so load from other processes
 hits both alike. Peak memory is measured per (implementation, N) in a fresh subprocess: the
 kernel's resident-set high-water mark is reset just before the call (``/proc/self/clear_refs``)
@@ -27,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dga_compile import DGAConfig
-from dga_compile.blocked import blocked_attention
+from dga_compile import DGAConfig, dispatch, dynamic_group_attention
 
 B, H, D = 1, 8, 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,7 +42,7 @@ def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _runner(impl: str, cfg: DGAConfig):
     if impl == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return lambda q, k, v: blocked_attention(q, k, v, is_causal=True, config=cfg)
+    return lambda q, k, v: dynamic_group_attention(q, k, v, is_causal=True, config=cfg)
 
 
 def _timed(fn, *args) -> float:
@@ -51,17 +51,19 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def time_pair(n: int, repeats: int, cfg: DGAConfig) -> tuple[float, float]:
-    """Median seconds of SDPA and DGA at length n, interleaved, after one warm-up each."""
+def time_pair(n: int, repeats: int, cfg: DGAConfig) -> tuple[float, float, str]:
+    """Median seconds of SDPA and DGA at length n, interleaved, after one warm-up each, and the
+    implementation the op's dispatch ran."""
     q, k, v = _inputs(n)
     sdpa, dga = _runner("sdpa", cfg), _runner("dga", cfg)
     times = {"sdpa": [], "dga": []}
     with torch.no_grad():
-        sdpa(q, k, v), dga(q, k, v)
+        with dispatch.recording() as ran:
+            sdpa(q, k, v), dga(q, k, v)
         for _ in range(repeats):
             times["sdpa"].append(_timed(sdpa, q, k, v))
             times["dga"].append(_timed(dga, q, k, v))
-    return statistics.median(times["sdpa"]), statistics.median(times["dga"])
+    return statistics.median(times["sdpa"]), statistics.median(times["dga"]), ran[0]
 
 
 def _status_mib(field: str) -> float:
@@ -110,11 +112,11 @@ def to_markdown(res: dict) -> str:
              f"Causal, fp32, B={B}, H={H}, D={D}, no grad; DGA γ={c['focus_ratio']}, m={c['group_size']}, "
              f"w={c['window']}, r={c['num_probe']}, β={c['group_bias']}; medians of {res['repeats']} interleaved runs.",
              "",
-             "| N | SDPA median (s) | DGA median (s) | SDPA/DGA | SDPA peak mem (MiB) | DGA peak mem (MiB) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| N | DGA path | SDPA median (s) | DGA median (s) | SDPA/DGA | SDPA peak mem (MiB) | DGA peak mem (MiB) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         mem = lambda x: "–" if x is None else f"{x:.0f}"
-        lines.append(f"| {r['n']} | {r['sdpa_s']:.3f} | {r['dga_s']:.3f} | {r['ratio']:.2f}× | "
+        lines.append(f"| {r['n']} | {r['dga_path']} | {r['sdpa_s']:.3f} | {r['dga_s']:.3f} | {r['ratio']:.2f}× | "
                      f"{mem(r['sdpa_peak_mib'])} | {mem(r['dga_peak_mib'])} |")
     return "\n".join(lines) + "\n"
 
@@ -142,18 +144,18 @@ def main(argv=None) -> None:
            "config": {f: getattr(cfg, f) for f in ("focus_ratio", "group_size", "window", "num_probe", "group_bias")},
            "rows": []}
     for n in args.sizes:
-        sdpa_s, dga_s = time_pair(n, args.repeats, cfg)
+        sdpa_s, dga_s, path = time_pair(n, args.repeats, cfg)
         mem = (None, None) if args.no_memory else tuple(peak_memory(i, n, args.window, args.threads) for i in ("sdpa", "dga"))
-        res["rows"].append({"n": n, "sdpa_s": sdpa_s, "dga_s": dga_s, "ratio": sdpa_s / dga_s,
+        res["rows"].append({"n": n, "dga_path": path, "sdpa_s": sdpa_s, "dga_s": dga_s, "ratio": sdpa_s / dga_s,
                             "sdpa_peak_mib": mem[0], "dga_peak_mib": mem[1]})
     res["machine"]["load_average_at_end"] = os.getloadavg()
 
-    table = Table(title="Causal attention on CPU: blocked DGA vs SDPA")
-    for col in ("N", "SDPA median s", "DGA median s", "SDPA/DGA", "SDPA peak MiB", "DGA peak MiB"):
+    table = Table(title="Causal attention on CPU: DGA (impl='auto') vs SDPA")
+    for col in ("N", "DGA path", "SDPA median s", "DGA median s", "SDPA/DGA", "SDPA peak MiB", "DGA peak MiB"):
         table.add_column(col, justify="right")
     for r in res["rows"]:
         mem = lambda x: "–" if x is None else f"{x:.0f}"
-        table.add_row(str(r["n"]), f"{r['sdpa_s']:.3f}", f"{r['dga_s']:.3f}", f"{r['ratio']:.2f}×",
+        table.add_row(str(r["n"]), r["dga_path"], f"{r['sdpa_s']:.3f}", f"{r['dga_s']:.3f}", f"{r['ratio']:.2f}×",
                       mem(r["sdpa_peak_mib"]), mem(r["dga_peak_mib"]))
     Console().print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dga_compile import DGAConfig
-from dga_compile.kernels import dispatch
+from dga_compile.kernels import pipeline
 from dga_compile.kernels.aggregation import aggregate_groups_triton
 from dga_compile.kernels.scoring import importance_scores_triton
-from dga_compile.reference import num_focus, split_focus
+from dga_compile.selection import num_focus, split_focus
 from dga_compile.kernels.attention import block_m_for, fused_forward
 from dga_compile.kernels.streams import plan_mask, prepare_streams
 
@@ -64,7 +64,7 @@ def bench_op(n: int, cfg: DGAConfig, reps: int) -> dict:
     k_full, v_full = (x.repeat_interleave(H // HKV, 1) for x in (k, v))   # flash wants Hq == Hkv
     scale = D ** -0.5
     plan = plan_mask(None, True, B, n, n)
-    sel = dispatch._select_triton(q, k, v, plan, scale, cfg)
+    sel = pipeline._select_triton(q, k, v, plan, scale, cfg)
     block_m = block_m_for(D)
     st = prepare_streams(sel, plan, n, cfg.group_size, cfg.window, block_m, q.dtype)
     glogit = cfg.group_bias * math.log(cfg.group_size)
@@ -76,7 +76,7 @@ def bench_op(n: int, cfg: DGAConfig, reps: int) -> dict:
 
     fns = {
         "sdpa_flash": sdpa,
-        "dga": lambda: dispatch.triton_attention(q, k, v, None, True, scale, cfg),
+        "dga": lambda: pipeline.triton_attention(q, k, v, None, True, scale, cfg),
         "dga_scoring": lambda: importance_scores_triton(q, k, None, True, scale, cfg.num_probe),
         "dga_focus_sort": lambda: split_focus(scores, nf),
         "dga_aggregation": lambda: aggregate_groups_triton(q, k, v, sel.nonfocus, scale, cfg.group_size),
@@ -93,7 +93,7 @@ def bench_op(n: int, cfg: DGAConfig, reps: int) -> dict:
             F.scaled_dot_product_attention(*full_leaves, is_causal=True).backward(grad_out)
 
     fns["sdpa_flash_fwd_bwd"] = sdpa_train
-    fns["dga_fwd_bwd"] = lambda: dispatch.triton_attention(*leaves, None, True, scale, cfg).backward(grad_out)
+    fns["dga_fwd_bwd"] = lambda: pipeline.triton_attention(*leaves, None, True, scale, cfg).backward(grad_out)
     ms = _median_ms(fns, reps)
     dense_flops = 4 * B * H * D * n * (n + 1) / 2
     dga_flops = _dga_flops(st.bounds, n, block_m, H // HKV, D)

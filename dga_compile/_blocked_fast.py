@@ -1,7 +1,7 @@
 """Fast forward of the blocked path for sites without ``attn_mask`` (docs/dga.md, "Cost").
 
-Used by `blocked_attention` when no gradient is needed, ``dropout_p == 0`` and the tensors are
-on the CPU. For a query block [i0, i1) the candidates of query i split into two parts:
+A route inside `blocked_attention`, taken when no gradient is needed, ``dropout_p == 0`` and the
+tensors are on the CPU. For a query block [i0, i1) the candidates of query i split into two parts:
 
 - the prefix: focus tokens before lo(i0) and the groups complete for i0. Every query of the
   block sees all of them, so the call needs no per-query mask, only one row per head
@@ -23,9 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import Groups
+from .selection import Groups
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
 def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: float) -> bool:
     """No mask, no dropout, CPU, Dv == D (CPU flash needs it), and no autograd graph to record."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

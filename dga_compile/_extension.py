@@ -1,15 +1,18 @@
-"""The PyTorch C++ extension (``csrc/torch/`` around the kernel in ``csrc/core/``): build and load.
+"""The PyTorch C++ extension (``csrc/torch/`` around the kernel in ``csrc/core/``): the
+implementation ``impl="cpp"``, and its build.
 
-`blocked_attention` runs its no-grad CPU forward through it when it is built (the set-up builds
-it: ``dga-compile build-ext``); without it the PyTorch path runs. The library
-is built per torch version (``build/torch/``), because it links against torch's C++ ABI.
-``DGA_NATIVE=0`` turns it off.
+`cpp_attention` runs the no-grad CPU forward in the C++ kernel; `dga_compile.dispatch` picks it
+for CPU inference when the library is built (the set-up builds it: ``dga-compile build-ext``).
+The library is built per torch version (``build/torch/``), because it links against torch's
+C++ ABI. ``DGA_NATIVE=0`` turns it off. The build tooling (`_cxx`) is imported only to build
+or find the library, never by ``import dga_compile``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import pathlib
 import re
@@ -20,18 +23,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._cxx import CSRC, CXXFLAGS, REPO, compiler, run, staged, up_to_date
+from ._validation import causal_like, dga_applies, mask_4d, validate_config
+from .config import DGAConfig
 from .errors import CLIError, NativeBuildError
+from .reference import dense_attention
 
-__all__ = ["library_path", "build_extension", "available", "applies", "attention", "add_parser"]
+__all__ = ["DTYPES", "add_parser", "attention", "available", "build_extension", "cpp_attention", "library_path"]
 
-_SOURCES = (CSRC / "torch", CSRC / "core")
 #: Dtypes the kernel serves (it computes in float32, the working dtype of all three).
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def library_path() -> pathlib.Path:
     """Where the library for this torch version lives (it may not exist yet)."""
+    from ._cxx import REPO
+
     tag = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
     return REPO / "build" / "torch" / f"libdga_torch-{tag}.so"
 
@@ -41,8 +47,10 @@ def build_extension(force: bool = False) -> pathlib.Path:
     Raises `NativeBuildError` with the reason on failure."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
+    from ._cxx import CSRC, CXXFLAGS, compiler, run, staged, up_to_date
+
     library = library_path()
-    if not force and up_to_date(library, _SOURCES):
+    if not force and up_to_date(library, (CSRC / "torch", CSRC / "core")):
         return library
     cxx = compiler()
     libs = library_paths()[0]
@@ -69,10 +77,19 @@ def available() -> bool:
     return True
 
 
-def applies(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
-    """CPU, a dtype the kernel serves, no dropout and no autograd graph to record."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return (q.device.type == "cpu" and q.dtype in _DTYPES and dropout_p == 0 and not needs_grad and available())
+def cpp_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                  scale: Optional[float] = None, config: Optional[DGAConfig] = None, dropout_p: float = 0.0) -> Tensor:
+    """DGA in the C++ kernel. Same contract as `reference_attention` for CPU tensors in `DTYPES`
+    that need no gradient (the result records no autograd graph), without dropout; outside DGA's
+    domain, `dense_attention`. Needs the built library (`available`)."""
+    cfg = validate_config(config)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not dga_applies(q.shape[2], k.shape[2], cfg.min_seq_len):
+        return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
+    if dropout_p:
+        raise NotImplementedError(f"NYI: dropout_p={dropout_p} in the C++ kernel; use impl='blocked'")
+    mask = mask_4d(attn_mask)
+    return attention(q, k, v, mask, is_causal, is_causal or causal_like(mask, False), scale, cfg).to(q.dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, local_window: bool,
@@ -82,6 +99,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
 
     ``local_window``: the spec's window rule applies (`_validation.causal_like`). ``out``, if
     given, is written whole (tests pass a poisoned one)."""
+    if not available():
+        raise RuntimeError(f"the C++ extension {library_path()} is not built or is turned off by DGA_NATIVE=0; "
+                           f"build it with: dga-compile build-ext")
     q, k, v = (x.float().contiguous() for x in (q, k, v))
     if out is None:
         out = q.new_empty(q.shape[:3] + v.shape[3:])

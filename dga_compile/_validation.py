@@ -1,35 +1,65 @@
 """Input checks and mask normalisation shared by every DGA implementation.
 
-Each ``_validate_*`` raises `ValueError` naming the values it saw and the fix.
+Each ``_validate_*`` raises `ValueError` (a bad value) or `TypeError` (a wrong type, as
+`F.scaled_dot_product_attention` does) naming what it saw and the fix.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .config import DGAConfig
 
 #: Additive mask entries at or below this count as "masked" (HF writes ``finfo.min``).
 MASKED_BELOW = -1e4
 
 
 def validate_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                    scale: Optional[float], enable_gqa: bool) -> float:
+                    is_causal: bool, scale: Optional[float], enable_gqa: bool) -> float:
     """Checks an SDPA-shaped call and returns the effective softmax scale."""
+    _validate_types(dropout_p, is_causal, scale, enable_gqa)
     _validate_ranks(q, k, v)
     _validate_dtypes_devices(q, k, v, attn_mask)
     _validate_shapes(q, k, v, enable_gqa)
     if attn_mask is not None:
         _validate_mask_shape(attn_mask, q, k)
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float or None (1/sqrt(D)), got {scale!r}")
     return float(scale)
+
+
+def validate_config(config: Optional[DGAConfig]) -> DGAConfig:
+    """``config``, or the default `DGAConfig` for None; anything else raises `TypeError`."""
+    if config is None:
+        return DGAConfig()
+    if not isinstance(config, DGAConfig):
+        raise TypeError(f"config must be a DGAConfig, got {type(config).__name__} {config!r}; "
+                        f"use e.g. DGAConfig(focus_ratio=0.1) or DGAConfig(**options)")
+    return config
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(x, bool)
+
+
+def _validate_types(dropout_p, is_causal, scale, enable_gqa):
+    """The argument types `F.scaled_dot_product_attention` accepts (it raises TypeError too)."""
+    for name, value in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(value, (bool, torch.SymBool)):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}; pass True or False")
+    if not _is_number(dropout_p):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
+    if scale is not None and not _is_number(scale):
+        raise TypeError(f"scale must be a float or None (1/sqrt(D)), got {type(scale).__name__} {scale!r}")
 
 
 def _validate_ranks(q, k, v):
@@ -56,7 +86,12 @@ def _validate_dtypes_devices(q, k, v, attn_mask):
 
 
 def _validate_shapes(q, k, v, enable_gqa):
-    (B, Hq, _, D), (Bk, Hkv, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
+    (B, Hq, _, D), (Bk, Hkv, Nk, Dk), (Bv, Hv, Nv, Dv) = q.shape, k.shape, v.shape
+    for name, size, shape in (("query heads Hq", Hq, q.shape), ("key/value heads Hkv", Hkv, k.shape),
+                              ("head dim D", D, q.shape), ("value head dim Dv", Dv, v.shape)):
+        if size == 0:
+            raise ValueError(f"{name} is 0 (shape {tuple(shape)}); attention needs at least one head "
+                             f"and a head dim ≥ 1")
     if not (B == Bk == Bv):
         raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
     if Dk != D:

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import OpCall
+from ._validation import validate_config, validate_inputs
 from .config import DGAConfig
-from ._validation import validate_inputs
+from .ops import OpCall
 
 __all__ = ["dynamic_group_attention"]
 
@@ -32,8 +32,12 @@ def dynamic_group_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask
     Returns:
         [B, Hq, Nq, Dv] in ``query``'s dtype. Exact dense attention when Nq ≠ Nk, Nk <
         ``config.min_seq_len``, γ = 1 or m = 1.
+
+    Raises:
+        TypeError: an argument of the wrong type (as SDPA), or ``config`` not a `DGAConfig`.
+        ValueError: shapes, dtypes, devices or values the op cannot take (the message says why).
     """
-    cfg = config or DGAConfig()
-    scale = validate_inputs(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    cfg = validate_config(config)
+    scale = validate_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
     return torch.ops.dga.attention(*OpCall(query, key, value, attn_mask, dropout_p, seed, is_causal, scale, cfg).args())

@@ -1,15 +1,15 @@
-"""Blocked CPU implementation of DGA (docs/dga.md, "Cost").
+"""Blocked DGA in PyTorch (docs/dga.md, "Cost"): the implementation ``impl="blocked"``.
 
-Steps 1–4 are the reference's (they are already O(r·N·D + N·m·D)). Step 5 runs per block of
+Steps 1–4 are `dga_compile.selection`'s (already O(r·N·D + N·m·D)). Step 5 runs per block of
 queries [i0, i1): the candidate keys are the visible focus prefix, the complete-group prefix
 and the slice of raw non-focus tokens, concatenated and passed with an additive mask (0, −inf,
 and β·log m on group columns) to one fused `scaled_dot_product_attention` call. No Nq×Nk
-matrix is ever built: memory is O(N·(n_f + G + block)).
+matrix is ever built: memory is O(N·(n_f + G + block)). Runs on any device, differentiable.
 
-Without autograd or dropout on the CPU, the whole call runs in the C++ kernel of `_extension`
-(csrc/core/, built by the set-up). Without it, calls without ``attn_mask`` take the faster route
-of `_blocked_fast` (flash-attention calls over slices with small or no masks, merged by
-log-sum-exp); the loop here is the differentiable path and the one for masks.
+One route inside: calls without ``attn_mask``, dropout or autograd on the CPU take the faster
+no-grad forward of `_blocked_fast` (flash-attention calls over slices, merged by log-sum-exp);
+the loop here is the differentiable path and the one for masks. Which implementation runs a
+call of the op is decided in `dga_compile.dispatch`, not here.
 """
 
 from __future__ import annotations
@@ -21,51 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _extension
-from .config import DGAConfig
-from ._validation import causal_like, dga_applies, mask_4d, visible_rows
 from ._blocked_fast import fast_attention, fast_path_applies
-from .reference import Groups, aggregate_groups, importance_scores, num_focus, split_focus, working_dtype
+from ._validation import causal_like, dga_applies, mask_4d, validate_config, visible_rows
+from .config import DGAConfig
+from .reference import dense_attention
+from .selection import Selection, aggregate_groups, focus_split, gather_rows, select, working_dtype
 
-__all__ = ["blocked_attention", "dense_attention", "BLOCK_SIZE"]
+__all__ = ["blocked_attention", "BLOCK_SIZE"]
 
 #: Query rows per block. Larger blocks amortise per-call overhead but widen the raw slice.
 BLOCK_SIZE = 256
-
-
-class _Selection(NamedTuple):
-    """Steps 1–4 for one call, gathered into the orders step 5 slices."""
-
-    focus: Tensor      # [B, Hkv, n_f] positions, increasing
-    nonfocus: Tensor   # [B, Hkv, Nn] positions, increasing
-    anchors: Tensor    # [B, Hkv, G]
-    kf: Tensor         # [B, Hkv, n_f, D] focus keys (vf likewise)
-    vf: Tensor
-    kn: Tensor         # [B, Hkv, Nn, D] non-focus keys in non-focus order (vn likewise)
-    vn: Tensor
-    kbar: Tensor       # [B, Hq, G, D] aggregated keys (vbar likewise)
-    vbar: Tensor
-
-
-def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x [B, H, N, D], idx [B, H, L] -> [B, H, L, D]."""
-    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-
-
-def _steps_1_to_4(q, k, v, mask, is_causal, scale, cfg) -> tuple[Tensor, Tensor, Groups]:
-    """Focus positions [B, Hkv, n_f], non-focus positions [B, Hkv, Nn] and the groups."""
-    nq, nk = q.shape[2], k.shape[2]
-    r = min(cfg.num_probe, nq)
-    with torch.no_grad():
-        scores = importance_scores(q, k, visible_rows(mask, is_causal, nq - r, nq, nk, q.device), scale, cfg.num_probe)
-        focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, nk))
-    return focus, nonfocus, aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
-
-
-def _select(q, k, v, mask, is_causal, scale, cfg) -> _Selection:
-    focus, nonfocus, grp = _steps_1_to_4(q, k, v, mask, is_causal, scale, cfg)
-    return _Selection(focus, nonfocus, grp.anchors, _gather_rows(k, focus), _gather_rows(v, focus),
-                      _gather_rows(k, nonfocus), _gather_rows(v, nonfocus), grp.keys, grp.values)
 
 
 class _Candidates(NamedTuple):
@@ -86,7 +51,7 @@ def _prefix_len(pos: Tensor, last: int) -> int:
     return int((pos <= last).sum(-1).max()) if pos.numel() else 0
 
 
-def _candidates_unmasked(sel: _Selection, i0: int, i1: int, causal: bool, cfg: DGAConfig) -> _Candidates:
+def _candidates_unmasked(sel: Selection, i0: int, i1: int, causal: bool, cfg: DGAConfig) -> _Candidates:
     """No attn_mask: the spec's "Cost" structure, computed from positions alone."""
     m, w = cfg.group_size, cfg.window
     B, Hkv, Nn = sel.nonfocus.shape
@@ -119,7 +84,7 @@ def _candidates_unmasked(sel: _Selection, i0: int, i1: int, causal: bool, cfg: D
     return _Candidates(n_f, focus_ok, n_g, group_ok, raw_idx, raw_ok)
 
 
-def _candidates_masked(sel: _Selection, vis: Tensor, i0: int, i1: int, causal: bool, window: bool,
+def _candidates_masked(sel: Selection, vis: Tensor, i0: int, i1: int, causal: bool, window: bool,
                        cfg: DGAConfig) -> _Candidates:
     """General mask: completeness is read off the mask rows of this block (O(b·Nk) work)."""
     m = cfg.group_size
@@ -149,14 +114,14 @@ def _candidates_masked(sel: _Selection, vis: Tensor, i0: int, i1: int, causal: b
     return _Candidates(n_f, focus_ok, n_g, complete[..., :n_g], raw_idx, raw_ok)
 
 
-def _attend_block(qb: Tensor, sel: _Selection, c: _Candidates, group_logit: float, dropout_p: float,
+def _attend_block(qb: Tensor, sel: Selection, c: _Candidates, group_logit: float, dropout_p: float,
                   scale: float) -> Tensor:
     """qb [B, Hkv, rep, b, D] -> [B, Hkv, rep, b, Dv] over the candidate keys, one softmax."""
     B, Hkv, rep, b, D = qb.shape
     kq = lambda x: x[:, :, None].expand(-1, -1, rep, -1, -1)                          # kv head -> q heads
     grp = lambda x: x[..., :c.n_group, :].view(B, Hkv, rep, c.n_group, x.shape[-1])
-    keys = torch.cat([kq(sel.kf[..., :c.n_focus, :]), grp(sel.kbar), kq(_gather_rows(sel.kn, c.raw_idx))], 3)
-    values = torch.cat([kq(sel.vf[..., :c.n_focus, :]), grp(sel.vbar), kq(_gather_rows(sel.vn, c.raw_idx))], 3)
+    keys = torch.cat([kq(sel.kf[..., :c.n_focus, :]), grp(sel.kbar), kq(gather_rows(sel.kn, c.raw_idx))], 3)
+    values = torch.cat([kq(sel.vf[..., :c.n_focus, :]), grp(sel.vbar), kq(gather_rows(sel.vn, c.raw_idx))], 3)
     ok = torch.cat([t.expand(B, Hkv, rep, b, -1) for t in (c.focus_ok, c.group_ok, c.raw_ok)], -1)
     bias = torch.zeros(ok.shape[-1], dtype=qb.dtype, device=qb.device)
     bias[c.n_focus:c.n_focus + c.n_group] = group_logit
@@ -167,46 +132,32 @@ def _attend_block(qb: Tensor, sel: _Selection, c: _Candidates, group_logit: floa
     return out.view(B, Hkv, rep, b, -1)
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                    scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Exact attention as SDPA computes it, with ``is_causal`` ANDed into a given mask."""
-    if attn_mask is not None:
-        attn_mask = visible_rows(mask_4d(attn_mask), is_causal, 0, q.shape[2], k.shape[2], q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal and attn_mask is None, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       is_causal: bool = False, scale: Optional[float] = None,
                       config: Optional[DGAConfig] = None, dropout_p: float = 0.0,
                       block_size: int = BLOCK_SIZE) -> Tensor:
     """DGA, blocked. Same contract as `reference_attention`; differentiable (autograd).
 
-    Inputs needing no grad, without dropout, on the CPU, run in the C++ kernel (`_extension`)
-    when it is built; else those without a mask take `_blocked_fast`.
+    Calls without a mask that need no grad take `_blocked_fast` on the CPU.
     """
-    cfg = config or DGAConfig()
+    cfg = validate_config(config)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out_dtype, wd = q.dtype, working_dtype(q.dtype)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if not dga_applies(Nq, Nk, cfg.min_seq_len):
         return dense_attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
-    if _extension.applies(q, k, v, dropout_p):
-        mask = mask_4d(attn_mask)
-        local_window = is_causal or causal_like(mask, False)
-        return _extension.attention(q, k, v, mask, is_causal, local_window, scale, cfg).to(out_dtype)
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
     group_logit = cfg.group_bias * math.log(cfg.group_size)
     if fast_path_applies(q, k, v, attn_mask, dropout_p):
-        focus, nonfocus, grp = _steps_1_to_4(q, k, v, None, is_causal, scale, cfg)
+        focus, nonfocus = focus_split(q, k, None, is_causal, scale, cfg)
+        grp = aggregate_groups(q, k, v, nonfocus, scale, cfg.group_size)
         out = fast_attention(q, k, v, focus, nonfocus, grp, is_causal, scale, cfg.window, cfg.group_size,
                              group_logit, block_size)
         return out.to(out_dtype)
     mask = mask_4d(attn_mask)
     window = is_causal or causal_like(mask, False)
-    sel = _select(q, k, v, mask, is_causal, scale, cfg)
+    sel = select(q, k, v, mask, is_causal, scale, cfg)
     qv = q.view(B, Hkv, Hq // Hkv, Nq, D)
     outs = []
     for i0 in range(0, Nq, block_size):

@@ -6,33 +6,48 @@ import dataclasses
 import math
 from typing import Literal
 
-__all__ = ["DGAConfig", "IMPLEMENTATIONS", "OP_FIELDS"]
+__all__ = ["DGAConfig", "IMPLEMENTATIONS", "INT64_MAX", "MAX_GROUP_BIAS", "MAX_GROUP_SIZE", "OP_FIELDS"]
 
-IMPLEMENTATIONS = ("auto", "reference", "blocked", "triton")
+#: Values of `DGAConfig.impl`: "auto" or the name of an entry of `dga_compile.dispatch.TABLE`.
+IMPLEMENTATIONS = ("auto", "reference", "blocked", "cpp", "triton")
 
 #: The `DGAConfig` fields the op ``torch.ops.dga.attention`` carries as arguments, in argument
 #: order (`dga_compile.ops.OpCall` builds and parses them); the other fields are rewrite policy.
 OP_FIELDS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "impl")
+
+#: Largest integer an op field may hold: the op's schema types them int64.
+INT64_MAX = 2**63 - 1
+#: Largest group size: the kernels index groups with int32 (an m beyond N only means no group).
+MAX_GROUP_SIZE = 2**31 - 1
+#: Largest β: β·log m stays below float16's maximum (65504) for every int64 m (log m < 43.7).
+MAX_GROUP_BIAS = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
 class DGAConfig:
     """Parameters of Dynamic Group Attention and of the rewrite that inserts it.
 
+    Every field is validated on construction (`ValueError` naming the value and the fix); the
+    integer fields the op carries are at most 2**63 − 1 (its schema is int64).
+
     Attributes:
         focus_ratio: γ, the fraction of keys kept as focus tokens, ``n_f = ceil(γ·Nk)``; in [0, 1].
             ``1.0`` gives exact dense attention.
-        group_size: m, non-focus tokens aggregated into one key/value pair; ≥ 1.
+        group_size: m, non-focus tokens aggregated into one key/value pair; in [1, 2**31 − 1].
             ``1`` gives exact dense attention.
         num_probe: r, how many of the last query rows score key importance; ≥ 1.
         window: w, a group is used by query i only if its anchor ≤ i − w (causal sites only);
             younger groups stay raw. ≥ 0.
-        group_bias: β ≥ 0, added as β·log(m) to every group logit (β = 1: a group stands for
-            the mass of its m members; β = 0: the plain reading). 0.25 measured best on a
-            pretrained model without fine-tuning (docs/ACCURACY.md).
+        group_bias: β in [0, 1000], added as β·log(m) to every group logit (β = 1: a group stands
+            for the mass of its m members; β = 0: the plain reading). 0.25 measured best on a
+            pretrained model without fine-tuning (docs/ACCURACY.md). The bound keeps β·log m
+            finite even in float16 for any int64 m.
         min_seq_len: below this key length the op computes exact dense attention; ≥ 0.
-        impl: which implementation runs the op: ``"auto"`` (Triton on CUDA, blocked on CPU),
-            ``"reference"`` (the spec in plain PyTorch), ``"blocked"`` or ``"triton"``.
+        impl: which implementation runs the op (`dga_compile.dispatch`): ``"auto"`` (the first
+            that applies: Triton on CUDA, the C++ kernel for CPU inference, else blocked),
+            ``"reference"`` (the spec in plain PyTorch), ``"blocked"`` (the blocked PyTorch
+            algorithm), ``"cpp"`` (the C++ CPU kernel) or ``"triton"``. A named implementation
+            that cannot take a call falls back to "auto"'s choice with one ``NYI:`` warning.
         min_saving: rewrite policy; a site is rewritten only when DGA would attend to at most
             ``1 - min_saving`` of the keys dense attention attends to (judged from what the
             graph proves about the mask, e.g. a sliding window). In [0, 1).
@@ -50,7 +65,7 @@ class DGAConfig:
     window: int = 256
     group_bias: float = 0.25
     min_seq_len: int = 1024
-    impl: Literal["auto", "reference", "blocked", "triton"] = "auto"
+    impl: Literal["auto", "reference", "blocked", "cpp", "triton"] = "auto"
     min_saving: float = 0.25
     dense_layers: tuple[int, ...] = ()
     strict: bool = False
@@ -58,10 +73,10 @@ class DGAConfig:
 
     def __post_init__(self) -> None:
         _validate_range("focus_ratio", self.focus_ratio, 0.0, 1.0, "a fraction such as 0.1")
-        _validate_int("group_size", self.group_size, 1, "e.g. 16 (1 means dense)")
+        _validate_int("group_size", self.group_size, 1, "e.g. 16 (1 means dense)", MAX_GROUP_SIZE)
         _validate_int("num_probe", self.num_probe, 1, "e.g. 128")
         _validate_int("window", self.window, 0, "e.g. 256 (0 disables the local window)")
-        _validate_range("group_bias", self.group_bias, 0.0, math.inf, "0.0 or 1.0")
+        _validate_range("group_bias", self.group_bias, 0.0, MAX_GROUP_BIAS, "0.0 or 1.0")
         _validate_int("min_seq_len", self.min_seq_len, 0, "e.g. 1024 (0 applies DGA always)")
         _validate_range("min_saving", self.min_saving, 0.0, 1.0, "e.g. 0.25", hi_open=True)
         layers = self.dense_layers
@@ -80,11 +95,6 @@ class DGAConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    @property
-    def is_exact(self) -> bool:
-        """True when the parameters make DGA equal to dense attention at every length."""
-        return self.focus_ratio >= 1.0 or self.group_size == 1
-
 
 def _validate_range(name, value, lo, hi, example, hi_open=False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
@@ -94,6 +104,6 @@ def _validate_range(name, value, lo, hi, example, hi_open=False):
         raise ValueError(f"DGAConfig.{name} must be a number in [{lo}, {hi}{bracket}, got {value!r}; use {example}")
 
 
-def _validate_int(name, value, lo, example):
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"DGAConfig.{name} must be an integer ≥ {lo}, got {value!r}; use {example}")
+def _validate_int(name, value, lo, example, hi=INT64_MAX):
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"DGAConfig.{name} must be an integer in [{lo}, {hi}], got {value!r}; use {example}")

@@ -1,25 +1,25 @@
-"""``torch.ops.dga.attention``: the DGA custom op, its fake, its autograd, and dispatch.
+"""``torch.ops.dga.attention``: the DGA custom op, its fake, its autograd, and its contract.
 
-The forward runs one implementation chosen by ``impl`` (reference / blocked / triton / auto).
-The backward is a second op, ``dga.attention_backward``, that recomputes the forward of the
-same implementation under autograd (for "triton": the fused kernel, whose autograd runs the
-Triton backward kernel) and differentiates it; a dropout seed makes the recomputation see the
-same dropout mask.
+The forward runs the implementation `dga_compile.dispatch` chooses (``impl``: auto / reference /
+blocked / cpp / triton). The backward is a second op, ``dga.attention_backward``, that recomputes
+the forward under autograd with the implementation chosen then (for "triton": the fused kernel,
+whose autograd runs the Triton backward kernel) and differentiates it; a dropout seed makes the
+recomputation see the same dropout mask. Both schemas are generated from `OpCall` and
+`config.OP_FIELDS`, so an op field is added in config.py alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .blocked import blocked_attention
+from . import dispatch
 from .config import OP_FIELDS, DGAConfig
-from .reference import reference_attention
 
-__all__ = ["OpCall", "attention", "attention_backward", "resolve_impl"]
+__all__ = ["BACKWARD_SCHEMA", "SCHEMA", "OpCall", "attention", "attention_backward"]
 
 
 class OpCall(NamedTuple):
@@ -51,56 +51,45 @@ class OpCall(NamedTuple):
     @classmethod
     def parse(cls, args: Sequence) -> "OpCall":
         """The inverse of `args`: positional op arguments -> `OpCall` (the config validated again)."""
-        head, fields = args[:8], args[8:]
+        n = len(cls._fields) - 1
+        head, fields = args[:n], args[n:]
         if len(fields) != len(OP_FIELDS):
-            raise TypeError(f"dga.attention takes {8 + len(OP_FIELDS)} arguments, got {len(args)}")
+            raise TypeError(f"dga.attention takes {n + len(OP_FIELDS)} arguments, got {len(args)}")
         return cls(*head, DGAConfig(**dict(zip(OP_FIELDS, fields))))
 
 
+#: Schema types of the `OpCall` fields before ``config``; the `OP_FIELDS` take the type of their default.
+_HEAD_TYPES = dict(q="Tensor", k="Tensor", v="Tensor", attn_mask="Tensor?", dropout_p="float", dropout_seed="Tensor?",
+                   is_causal="bool", scale="float")
+_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
+_HEAD = ", ".join(f"{_HEAD_TYPES[name]} {name}" for name in OpCall._fields[:-1])
+_FIELDS = ", ".join(f"{_SCHEMA_TYPES[type(getattr(DGAConfig(), f))]} {f}" for f in OP_FIELDS)
+#: ``dga::attention`` and ``dga::attention_backward`` (which takes ``grad_out`` first).
+SCHEMA = f"({_HEAD}, {_FIELDS}) -> Tensor"
+BACKWARD_SCHEMA = f"(Tensor grad_out, {_HEAD}, {_FIELDS}) -> (Tensor, Tensor, Tensor)"
+
 #: The arguments of ``dga.attention`` after q, k, v: no gradient flows to them.
-_NUM_NON_TENSOR_GRADS = 8 + len(OP_FIELDS) - 3
+_NUM_NON_TENSOR_GRADS = len(OpCall._fields) - 1 + len(OP_FIELDS) - 3
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA when Triton kernels are usable, else "blocked"."""
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
-        from .kernels import available
-        if available():
-            return "triton"
-    return "blocked"
+def _forward(call: OpCall) -> Tensor:
+    """The chosen implementation's forward, under the call's dropout seed."""
+    q = call.q
+    with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else [], enabled=call.dropout_p > 0):
+        if call.dropout_p > 0:
+            torch.manual_seed(int(call.dropout_seed))
+        return dispatch.run(call)
 
 
-def _forward(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg: DGAConfig):
-    impl = resolve_impl(cfg.impl, q.device)
-    if impl == "triton":
-        from .kernels import triton_attention
-        fn = triton_attention
-    elif impl == "blocked":
-        fn = blocked_attention
-    else:
-        fn = reference_attention
-    with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else [], enabled=dropout_p > 0):
-        if dropout_p > 0:
-            torch.manual_seed(int(dropout_seed))
-        return fn(q, k, v, attn_mask, is_causal, scale, cfg, dropout_p)
-
-
-@torch.library.custom_op("dga::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-              dropout_seed: Optional[Tensor], is_causal: bool, scale: float, focus_ratio: float,
-              group_size: int, num_probe: int, window: int, group_bias: float, min_seq_len: int,
-              impl: str) -> Tensor:
-    """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> contiguous [B, Hq, Nq, Dv]."""
-    cfg = DGAConfig(focus_ratio=focus_ratio, group_size=group_size, num_probe=num_probe, window=window,
-                    group_bias=group_bias, min_seq_len=min_seq_len, impl=impl)
-    return _forward(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg).contiguous()
+@torch.library.custom_op("dga::attention", mutates_args=(), schema=SCHEMA)
+def attention(*args) -> Tensor:
+    """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> contiguous [B, Hq, Nq, Dv]
+    (arguments: `OpCall.args`)."""
+    return _forward(OpCall.parse(args)).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, dropout_p, dropout_seed, is_causal, scale, focus_ratio, group_size, num_probe,
-      window, group_bias, min_seq_len, impl):
+def _(q, k, v, *args):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
@@ -115,17 +104,13 @@ def _autograd_inside_op():
         yield
 
 
-@torch.library.custom_op("dga::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
-                       dropout_p: float, dropout_seed: Optional[Tensor], is_causal: bool, scale: float,
-                       focus_ratio: float, group_size: int, num_probe: int, window: int, group_bias: float,
-                       min_seq_len: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("dga::attention_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+def attention_backward(grad_out: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of `attention` by recomputation; each contiguous, shaped like its input."""
-    cfg = DGAConfig(focus_ratio=focus_ratio, group_size=group_size, num_probe=num_probe, window=window,
-                    group_bias=group_bias, min_seq_len=min_seq_len, impl=impl)
+    call = OpCall.parse(args)
     with _autograd_inside_op():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = _forward(*leaves, attn_mask, dropout_p, dropout_seed, is_causal, scale, cfg)
+        leaves = [x.detach().requires_grad_() for x in (call.q, call.k, call.v)]
+        out = _forward(call._replace(q=leaves[0], k=leaves[1], v=leaves[2]))
         grads = torch.autograd.grad(out, leaves, grad_out, materialize_grads=True)
     return tuple(g.contiguous() for g in grads)
 

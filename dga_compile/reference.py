@@ -1,121 +1,31 @@
 """Reference Dynamic Group Attention: ``docs/dga.md`` (the spec) literally, in plain PyTorch.
 
-Steps 1–4 (importance scores, focus split, group aggregation) cost O(r·N·D + N·m·D) and are
-shared with the blocked path; step 5 is written here densely (an Nq×Nk logit matrix), which
-is the point of a reference. Works in float64; fp16/bf16/fp32 inputs run in float32.
+Steps 1–4 are `dga_compile.selection`'s (shared with every implementation); step 5 is written
+here densely (an Nq×Nk logit matrix), which is the point of a reference. Works in float64;
+fp16/bf16/fp32 inputs run in float32. `dense_attention` is the op outside DGA's domain, as the
+fast implementations compute it (torch's SDPA at the input dtype).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ._validation import causal_like, dga_applies, mask_4d, validate_config, visible_4d, visible_rows
 from .config import DGAConfig
-from ._validation import causal_like, dga_applies, visible_4d
+from .selection import aggregate_groups, complete_groups, importance_scores, num_focus, split_focus, working_dtype
 
-__all__ = ["reference_attention", "importance_scores", "split_focus", "aggregate_groups", "Groups",
-           "complete_groups", "working_dtype", "num_focus"]
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision every implementation computes in: float64 stays, the rest use float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_focus(focus_ratio: float, nk: int) -> int:
-    """n_f = ceil(γ·Nk), computed so that γ·Nk landing on an integer is not pushed up by rounding."""
-    return min(nk, math.ceil(round(focus_ratio * nk, 9)))
-
-
-def _kv_view(x: Tensor, hkv: int) -> Tensor:
-    """[B, Hq, ...] -> [B, Hkv, Hq/Hkv, ...]: query heads grouped by the kv head they read."""
-    return x.view(x.shape[0], hkv, x.shape[1] // hkv, *x.shape[2:])
-
-
-def importance_scores(q: Tensor, k: Tensor, vis: Optional[Tensor], scale: float, num_probe: int) -> Tensor:
-    """Step 1. s[b, g, j] = Σ_{h∈g} Σ_{p∈P} softmax_j(scale·q[h,p]·k[g,j] | Visible(p, j)).
-
-    q [B, Hq, Nq, D], k [B, Hkv, Nk, D]; vis: None (all visible) or bool whose last rows are
-    the probe rows, broadcastable to [B, Hq, ≥r, Nk] (full [.., Nq, Nk] masks work as is).
-    Returns [B, Hkv, Nk] in q's dtype. P is the last ``num_probe`` query rows.
-    """
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    r = min(num_probe, Nq)
-    probes = _kv_view(q[:, :, Nq - r:], Hkv).reshape(B, Hkv, -1, D)          # [B, Hkv, rep*r, D]
-    logits = scale * probes @ k.transpose(-1, -2)                              # [B, Hkv, rep*r, Nk]
-    if vis is not None:
-        pvis = vis[..., -r:, :].expand(B, Hq, r, Nk).reshape(B, Hkv, -1, Nk)
-        logits = logits.masked_fill(~pvis, float("-inf"))
-    return logits.softmax(-1).nan_to_num(0.0).sum(-2)
-
-
-def split_focus(scores: Tensor, n_focus: int) -> tuple[Tensor, Tensor]:
-    """Step 2. The ``n_focus`` highest-scoring positions (ties: smaller position first).
-
-    scores [B, Hkv, Nk] -> (focus positions [B, Hkv, n_f], non-focus positions
-    [B, Hkv, Nk − n_f]), each sorted by position, int64.
-    """
-    nk = scores.shape[-1]
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
-    is_focus = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order[..., :n_focus], True)
-    pos = torch.arange(nk, device=scores.device)
-    by_kind = (is_focus.long() * nk + pos).argsort(-1)          # non-focus first, each by position
-    return by_kind[..., nk - n_focus:], by_kind[..., :nk - n_focus]
-
-
-class Groups(NamedTuple):
-    """Step 3–4 result. G = (Nk − n_f) // m complete runs of the non-focus order."""
-
-    keys: Tensor      # K̄ [B, Hq, G, D]
-    values: Tensor    # V̄ [B, Hq, G, Dv]
-    members: Tensor   # [B, Hkv, G, m] positions, increasing
-    anchors: Tensor   # [B, Hkv, G] = members[..., -1]
-
-
-def aggregate_groups(q: Tensor, k: Tensor, v: Tensor, nonfocus: Tensor, scale: float, group_size: int) -> Groups:
-    """Steps 3–4. Cut the non-focus order into runs of m; per query head h and group g:
-    w = softmax_{j∈g}(scale·q[h, a(g)]·k[j]), K̄ = Σ w·k[j], V̄ = Σ w·v[j]. Differentiable.
-    """
-    B, Hq, _, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G = nonfocus.shape[-1] // group_size
-    members = nonfocus[..., :G * group_size].reshape(B, Hkv, G, group_size)
-    anchors = members[..., -1]
-    flat = members.reshape(B, Hkv, G * group_size, 1)
-    km = k.gather(2, flat.expand(-1, -1, -1, D)).view(B, Hkv, G, group_size, D)
-    vm = v.gather(2, flat.expand(-1, -1, -1, Dv)).view(B, Hkv, G, group_size, Dv)
-    qv = _kv_view(q, Hkv)                                                          # [B, Hkv, rep, Nq, D]
-    qa = qv.gather(3, anchors[:, :, None, :, None].expand(-1, -1, qv.shape[2], -1, D))  # [B, Hkv, rep, G, D]
-    w = (scale * torch.einsum("bkrgd,bkgmd->bkrgm", qa, km)).softmax(-1)
-    kbar = torch.einsum("bkrgm,bkgmd->bkrgd", w, km).reshape(B, Hq, G, D)
-    vbar = torch.einsum("bkrgm,bkgmd->bkrgd", w, vm).reshape(B, Hq, G, Dv)
-    return Groups(kbar, vbar, members, anchors)
-
-
-def complete_groups(vis_rows: Tensor, members: Tensor, first_row: int, causal: bool, window: int) -> Tensor:
-    """Step 5's group rule for the query rows first_row, first_row + 1, …: group g is complete
-    for query i when all its members are visible to i and (causal) its anchor a(g) ≤ i − w.
-
-    vis_rows: bool [B, Hq, n, Nk], the visibility of those n rows; members: [B, Hq, G, m]
-    positions per query head, increasing (the anchor is the last). Returns bool [B, Hq, n, G].
-    """
-    B, Hq, n, _ = vis_rows.shape
-    G, m = members.shape[-2:]
-    idx = members.reshape(B, Hq, 1, G * m).expand(B, Hq, n, G * m)
-    complete = vis_rows.gather(-1, idx).view(B, Hq, n, G, m).all(-1)
-    if causal:
-        i = torch.arange(first_row, first_row + n, device=vis_rows.device)[:, None]
-        complete &= members[..., -1][:, :, None, :] <= i - window
-    return complete
+__all__ = ["dense_attention", "reference_attention"]
 
 
 def _softmax_rows(logits: Tensor) -> Tensor:
-    """Softmax over the last dim; rows with no finite logit give 0 (as SDPA does)."""
-    return logits.softmax(-1).nan_to_num(0.0)
+    """Softmax over the last dim; as in SDPA, a row whose logits are all −inf (no candidate) gives
+    0, and a row holding a NaN or +inf logit gives NaN."""
+    return logits.softmax(-1).masked_fill((logits == float("-inf")).all(-1, keepdim=True), 0.0)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
@@ -126,7 +36,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     Hq % Hkv == 0 (GQA by head grouping); ``attn_mask`` bool (True = attend) or additive
     (0 / masked); ``is_causal`` is top-left aligned and ANDed with the mask.
     """
-    cfg = config or DGAConfig()
+    cfg = validate_config(config)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out_dtype, wd = q.dtype, working_dtype(q.dtype)
     q, k, v = q.to(wd), k.to(wd), v.to(wd)
@@ -166,4 +76,16 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
 
 
 def _dropout(probs: Tensor, p: float) -> Tensor:
-    return torch.nn.functional.dropout(probs, p) if p else probs
+    return F.dropout(probs, p) if p else probs
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                    scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Exact attention as SDPA computes it (at q's dtype), with ``is_causal`` ANDed into a given
+    mask and additive masks read as Visible (0 / masked): what the blocked, C++ and Triton paths
+    return outside DGA's domain (`_validation.dga_applies`). Shapes as `reference_attention`."""
+    if attn_mask is not None:
+        attn_mask = visible_rows(mask_4d(attn_mask), is_causal, 0, q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal and attn_mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])

@@ -1,7 +1,7 @@
 """Fused DGA step 5 (docs/dga.md "Attention"): one online softmax per query block over three streams.
 
 Paired reference: `dga_compile.blocked.blocked_attention` (same candidates per block) and, at
-the end, `dga_compile.reference.reference_attention`. Tests: tests/test_kernels_attention.py.
+the end, `dga_compile.reference.reference_attention`. Its stream arguments come in `Streams` order. Tests: tests/test_kernels_attention.py.
 
 Per (query block, batch, query head) the kernel streams
   1. focus keys [0, f_end) of the kv head, logit scale·q·k, allowed iff pos ≤ lim_tok(i);
@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._runtime import LOG2E, head_block, interpreting, tl, triton
+from . import interpreting
+from ._runtime import LOG2E, head_block, tl, triton
 from .streams import BIG, Streams
 
 __all__ = ["fused_forward", "fits_shared_memory"]
@@ -105,7 +106,7 @@ def _block(Q, BOUNDS, sq_b, sq_h, sq_n, sq_d, Hq, Hkv, Nq, NB, window, CAUSAL: t
 
 
 @triton.jit
-def _fwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, OUT, LSE,
+def _fwd_kernel(Q, FPOS, KF, VF, GPOS, KG, VG, NPOS, KN, VN, BOUNDS, OUT, LSE,
                 sq_b, sq_h, sq_n, sq_d, qk_scale, group_logit, Hq, Hkv, Nq, NF, NG, NN, NB, window,
                 CAUSAL: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -174,8 +175,8 @@ def fused_forward(q: Tensor, st: Streams, *, causal: bool, scale: float, group_l
     if lse is None:
         lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     interp = interpreting()
-    args = (q, *(_nonempty(t) for t in (st.kf, st.vf, st.fpos, st.kg, st.vg, st.gpos, st.kn, st.vn, st.npos)),
-            st.bounds, out, lse, *q.stride(), scale * LOG2E, group_logit * LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window)
+    args = (q, *(_nonempty(t) for t in st), out, lse, *q.stride(), scale * LOG2E, group_logit * LOG2E, Hq, Hkv, Nq,
+            NF, NG, NN, NB, window)
     meta = dict(CAUSAL=causal, M=group_size, D=D, DV=DV, BLOCK_M=block_m,
                 BLOCK_D=head_block(D), BLOCK_DV=head_block(DV),
                 BIG_POS=BIG, DOT_FP32=interp or q.dtype == torch.float32,

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._runtime import LOG2E, head_block, interpreting, tl, triton
+from . import interpreting
+from ._runtime import LOG2E, head_block, tl, triton
 from .attention import _block, _dot, _nonempty, _tile
 from .streams import BIG, Streams
 
@@ -45,7 +46,7 @@ def _stream_bwd(dq, q, do, lse, delta, K, V, POS, DK, DVAL, lo, hi, lim, bias, G
 
 
 @triton.jit
-def _bwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, DO, LSE, DELTA,
+def _bwd_kernel(Q, FPOS, KF, VF, GPOS, KG, VG, NPOS, KN, VN, BOUNDS, DO, LSE, DELTA,
                 DQ, DKF, DVF, DKG, DVG, DKN, DVN,
                 sq_b, sq_h, sq_n, sq_d, qk_scale, scale, group_logit, Hq, Hkv, Nq, NF, NG, NN, NB, window,
                 CAUSAL: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -77,23 +78,23 @@ def _bwd_kernel(Q, KF, VF, FPOS, KG, VG, GPOS, KN, VN, NPOS, BOUNDS, DO, LSE, DE
 
 
 def fused_backward(q: Tensor, st: Streams, out: Tensor, lse: Tensor, grad_out: Tensor, *, causal: bool, scale: float,
-                   group_logit: float, group_size: int, window: int, block_m: int) -> tuple[Tensor, ...]:
-    """Gradients (dq, dkf, dvf, dkg, dvg, dkn, dvn) of `attention.fused_forward`, each shaped and
-    typed like its input; ``out``/``lse`` are that forward's outputs."""
+                   group_logit: float, group_size: int, window: int, block_m: int) -> tuple[Tensor, Streams]:
+    """Gradients (dq, d`Streams`) of `attention.fused_forward`, each shaped and typed like its
+    input (None for the positions and bounds); ``out``/``lse`` are that forward's outputs."""
     B, Hq, Nq, D = q.shape
     Hkv, NF, DV = st.kf.shape[1], st.kf.shape[2], st.vf.shape[-1]
     NG, NN, NB = st.gpos.shape[-1], st.npos.shape[-1], st.bounds.shape[2]
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
-    dstreams = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (st.kf, st.vf, st.kg, st.vg, st.kn, st.vn)]
+    srcs = (st.kf, st.vf, st.kg, st.vg, st.kn, st.vn)
+    dstreams = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in srcs]
     interp = interpreting()
     _bwd_kernel[(NB, B * Hq)](
-        q, *(_nonempty(t) for t in (st.kf, st.vf, st.fpos, st.kg, st.vg, st.gpos, st.kn, st.vn, st.npos)), st.bounds,
-        grad_out, lse, delta, dq, *(_nonempty(t) for t in dstreams), *q.stride(), scale * LOG2E, scale,
-        group_logit * LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window,
+        q, *(_nonempty(t) for t in st), grad_out, lse, delta, dq, *(_nonempty(t) for t in dstreams), *q.stride(),
+        scale * LOG2E, scale, group_logit * LOG2E, Hq, Hkv, Nq, NF, NG, NN, NB, window,
         CAUSAL=causal, M=group_size, D=D, DV=DV, BLOCK_M=block_m, BLOCK_N=16 if interp else 32,
         BLOCK_D=head_block(D), BLOCK_DV=head_block(DV), BIG_POS=BIG, DOT_FP32=interp or q.dtype == torch.float32,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    srcs = (st.kf, st.vf, st.kg, st.vg, st.kn, st.vn)
-    return (dq.to(q.dtype), *(g.to(t.dtype) for g, t in zip(dstreams, srcs)))
+    dkf, dvf, dkg, dvg, dkn, dvn = (g.to(t.dtype) for g, t in zip(dstreams, srcs))
+    return dq.to(q.dtype), Streams(None, dkf, dvf, None, dkg, dvg, None, dkn, dvn, None)

@@ -7,7 +7,8 @@ keeps each row's log-sum-exp; pass 2 (`_column_sum_kernel`) streams the probe ro
 block of keys and sums exp(logit − lse) down the rows:
     s[b, g, j] = Σ_rows softmax_j(scale·q_row·k_j | Visible(row, j)).
 Visible is the causal rule (j ≤ the row's position) and/or key visibility, as in
-`streams.MaskPlan`. Rows that see no key contribute 0. Deterministic (no atomics).
+`streams.MaskPlan`. Rows that see no key contribute 0, and so do rows with a NaN or +inf logit
+(their sum is NaN, so their lse is −inf), as in the reference. Deterministic (no atomics).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._runtime import LOG2E, head_block, interpreting, tl, triton
+from . import interpreting
+from ._runtime import LOG2E, head_block, tl, triton
 
 __all__ = ["importance_scores_triton"]
 

@@ -1,7 +1,7 @@
 """Host side of the fused kernel: which masks it takes, and the three streams with their bounds.
 
-Steps 1–4 (scores, focus split, aggregation) are `dga_compile.blocked._select`'s; this file
-turns that selection into the arrays `attention._fwd_kernel` streams (docs/dga.md "Cost"):
+Steps 1–4 give a `dga_compile.selection.Selection`; this file turns it into the arrays
+`attention._fwd_kernel` streams (docs/dga.md "Cost"):
 per (batch, kv head, query block [i0, i1)), the focus prefix with position ≤ i1 − 1, the
 group prefix with anchor ≤ i1 − 1 − w, and the raw slice of the non-focus order from the
 first group not complete for i0 to the last position ≤ i1 − 1.
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dga_compile._validation import causal_like, mask_4d, visible_rows
-from dga_compile.blocked import _Selection
+from dga_compile.selection import Selection
 
 __all__ = ["BIG", "MaskPlan", "Streams", "plan_mask", "prepare_streams"]
 
@@ -58,7 +58,8 @@ def plan_mask(attn_mask: Optional[Tensor], is_causal: bool, batch: int, nq: int,
 
 
 class Streams(NamedTuple):
-    """Kernel inputs. Positions are int32 "effective" (``BIG`` when invisible); bounds
+    """Kernel inputs, in the one order the forward and backward kernels, the autograd function and
+    the triton op take them. Positions are int32 "effective" (``BIG`` when invisible); bounds
     [B, Hkv, NB, 4] int32 = (f_end, g_end, r_start, r_end) per query block."""
 
     fpos: Tensor   # [B, Hkv, n_f]
@@ -79,7 +80,7 @@ def _count_le(sorted_pos: Tensor, limits: Tensor) -> Tensor:
     return torch.searchsorted(sorted_pos.contiguous(), limits.expand(B, H, -1).contiguous(), right=True)
 
 
-def prepare_streams(sel: _Selection, plan: MaskPlan, nq: int, group_size: int, window: int, block_m: int,
+def prepare_streams(sel: Selection, plan: MaskPlan, nq: int, group_size: int, window: int, block_m: int,
                     dtype: torch.dtype) -> Streams:
     """Stream arrays in ``dtype`` (kernel operands) and their per-block bounds."""
     B, Hkv, n_f = sel.focus.shape

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dga_compile import DGAConfig, dynamic_group_attention, reference_attention
+from dga_compile import DGAConfig, _extension, dynamic_group_attention, reference_attention
 from dga_compile.blocked import blocked_attention
 
 #: Mask spellings a model passes to SDPA (see `make_mask`).
@@ -86,13 +86,21 @@ def _public(impl: str) -> Callable:
     return run
 
 
-#: Every way to run DGA on CPU, all with `reference_attention`'s signature.
+#: Every way to run DGA on CPU, all with `reference_attention`'s signature: the implementations
+#: themselves ("cpp", the C++ kernel, where it is built) and the public op ("auto" picks C++ for
+#: fp32/fp16/bf16 when built, else blocked). `paths_for` leaves out those a dtype cannot take.
 PATHS = {
     "reference": reference_attention,
     "blocked": blocked_attention,
+    **({"cpp": _extension.cpp_attention} if _extension.available() else {}),
     "public-auto": _public("auto"),
     "public-reference": _public("reference"),
 }
+
+
+def paths_for(dtype: torch.dtype) -> dict[str, Callable]:
+    """`PATHS` that take ``dtype`` (the C++ kernel takes no float64)."""
+    return {name: fn for name, fn in PATHS.items() if name != "cpp" or dtype in _extension.DTYPES}
 
 
 def max_err(a: Tensor, b: Tensor) -> float:

@@ -10,16 +10,18 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import _eval_models  # noqa: E402
+
 from dga_compile import DGAConfig  # noqa: E402
 from dga_compile.eval import CostMeter, Method, evaluate  # noqa: E402
 from dga_compile.eval.cli import main as eval_main, parse_config  # noqa: E402
-from dga_compile.eval.methods import attend_fn, recent_for_cost  # noqa: E402
+from dga_compile.eval.cost import SiteProfile, recent_for_cost  # noqa: E402
+from dga_compile.eval.methods import attend_fn  # noqa: E402
 from dga_compile.eval.run import window_starts  # noqa: E402
-from dga_compile.reference import aggregate_groups, importance_scores, num_focus, split_focus  # noqa: E402
+from dga_compile.selection import aggregate_groups, importance_scores, num_focus, split_focus  # noqa: E402
 
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0)
-TEXT = " ".join(f"the {w} of token {i % 13} went to {w}s and back" for i, w in
-                enumerate(["hacker", "kludge", "foo", "bar", "daemon", "cruft"] * 20))
+TEXT = _eval_models.TEXT
 
 
 def _qkv(n, hq=4, hkv=2, d=16, seed=0):
@@ -59,7 +61,7 @@ def test_dga_cost_matches_spec_brute_force():
     with CostMeter() as meter:
         attend_fn(Method("dga", SMALL))(q, k, v, None, True, None, 0.0)
     want = _spec_candidates(q, k, v, SMALL)
-    assert meter.entries == pytest.approx(float(want.sum()))
+    assert meter.terms["attention"] == pytest.approx(float(want.sum()))
     assert meter.dense_entries == 4 * 53 * 54 / 2
     assert meter.keys_at_last == pytest.approx(float(want[..., -1].mean()))
 
@@ -70,7 +72,10 @@ def test_baseline_with_window_covering_everything_is_dense(kind):
     out, meter = _call(Method(kind, SMALL, recent=45), q, k, v)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    assert meter.fraction == 1.0
+    assert meter.breakdown["attention"] == 1.0
+    # top-k pays the probe scores that pick its focus set: the last r = 8 rows × their visible keys, per head
+    probes = 4 * sum(range(45 - 8 + 1, 45 + 1)) if kind == "topk" else 0
+    assert meter.terms.get("probes", 0) == probes and meter.entries == 4 * 45 * 46 / 2 + probes
 
 
 def test_streaming_attends_to_sinks_and_recent_only():
@@ -84,52 +89,35 @@ def test_streaming_attends_to_sinks_and_recent_only():
     assert meter.fraction == pytest.approx(float(mask.sum()) / (300 * 301 / 2))
 
 
+def _causal_profiles(n, layers=1):
+    return {layer: SiteProfile(1, torch.arange(1, n + 1, dtype=torch.float64)) for layer in range(layers)}
+
+
 def test_recent_for_cost_hits_the_streaming_cost():
-    method = Method("streaming", SMALL, sinks=4)
-    recent = recent_for_cost(method, 0.3, 300)
+    recent = recent_for_cost(0.3, _causal_profiles(300), sinks=4)
     _, meter = _call(Method("streaming", SMALL, sinks=4, recent=recent), *_qkv(300))
     assert abs(meter.fraction - 0.3) < 0.01
 
 
-def _tokenizer_dir(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=90, special_tokens=["[UNK]"]))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    _tokenizer_dir(path)
-    return path
+    return _eval_models.tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=128, initializer_range=0.5)
-    transformers.BertModel(cfg).save_pretrained(path)
-    _tokenizer_dir(path)
-    return path
+    return _eval_models.tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def test_evaluate_causal_lm(tiny_llama):
     res = evaluate(tiny_llama, TEXT, seq_len=96, windows=2, configs=[SMALL, SMALL.replace(group_size=1)],
                    progress=False)
     kinds = [r.kind for r in res.methods]
-    assert kinds == ["dense", "dga", "streaming", "topk", "dga", "streaming", "topk"]
-    dense, dga, _, _, exact = res.methods[:5]
+    assert kinds == ["dense", "dga", "streaming", "topk", "perhead", "dga", "streaming", "topk", "perhead"]
+    dense, dga, _, _, _, exact = res.methods[:6]
     assert dense.delta_last_half == 0.0 and dense.cost == 1.0
-    assert exact.delta_last_half == pytest.approx(0.0, abs=1e-4) and exact.cost == 1.0   # m = 1 is dense
+    assert exact.delta_last_half == pytest.approx(0.0, abs=1e-4)                          # m = 1 is dense
+    assert exact.cost_terms["attention"] == 1.0 and exact.cost > 1.0     # ... and still pays probes and aggregation
     assert dga.cost < 1.0 and dga.delta_last_half != 0.0
     assert all(r.ppl > 1 and len(r.per_window) == 2 for r in res.methods)
 
@@ -151,7 +139,7 @@ def test_cli_writes_json_and_plot(tiny_llama, tmp_path):
                       "--group-size", "4", "--num-probe", "8", "--config", "window=8", "--config", "window=8",
                       "--out", str(out), "--quiet"]) == 0
     data = json.loads((tmp_path / "res-b0.25.json").read_text())
-    assert [m["kind"] for m in data["methods"]] == ["dense"] + ["dga", "streaming", "topk"] * 2
+    assert [m["kind"] for m in data["methods"]] == ["dense"] + ["dga", "streaming", "topk", "perhead"] * 2
     params = data["methods"][1]["params"]
     assert (params["group_size"], params["num_probe"], params["window"], params["min_seq_len"]) == (4, 8, 8, 0)
     if pytest.importorskip("matplotlib"):
@@ -168,22 +156,13 @@ def test_parse_config():
     assert parse_config("window=0, group_bias=0") == DGAConfig(min_seq_len=0, window=0, group_bias=0.0)
 
 
-def _fetched(fetcher):
-    from dga_compile.errors import FetchError
-
-    try:
-        return fetcher()
-    except (FetchError, ImportError) as e:
-        pytest.skip(f"cannot fetch: {e}")
-
-
 @pytest.mark.slow
 def test_smollm2_on_jargon_text():
     """Real model and text: an exact config equals dense; the defaults cost less and stay close."""
     from dga_compile.eval.fetch import jargon_text, smollm2
 
-    model, text = _fetched(smollm2), _fetched(jargon_text).read_text()
-    res = evaluate(model, text, seq_len=1024, windows=1, progress=False, baselines=False,
+    model, text = _eval_models.fetched(smollm2), _eval_models.fetched(jargon_text).read_text()
+    res = evaluate(model, text, seq_len=1024, windows=1, progress=False, baselines=(),
                    configs=[DGAConfig(min_seq_len=0, group_size=1), DGAConfig(min_seq_len=0)])
     dense, exact, dga = res.methods
     assert exact.ppl == pytest.approx(dense.ppl, rel=1e-4)
@@ -194,7 +173,7 @@ def test_smollm2_on_jargon_text():
 def test_minilm_cosine():
     from dga_compile.eval.fetch import minilm
 
-    res = evaluate(_fetched(minilm), TEXT, seq_len=256, windows=2, progress=False, baselines=False,
+    res = evaluate(_eval_models.fetched(minilm), TEXT, seq_len=256, windows=2, progress=False, baselines=(),
                    configs=[DGAConfig(min_seq_len=0, group_size=4, num_probe=16)])
     assert res.task == "encoder"
     assert 0.9 < res.methods[1].cosine < 1.0 and res.methods[1].cost < 1.0
@@ -220,8 +199,8 @@ def test_demo_tiny_end_to_end(capsys):
 
 def test_recent_for_cost_with_dense_layers():
     """With 2 of 10 layers dense, the other 8 must cost (0.5·10 − 2)/8 = 0.375 each."""
-    plain = recent_for_cost(Method("streaming", SMALL), 0.375, 300)
-    assert recent_for_cost(Method("streaming", SMALL.replace(dense_layers=(0, 5))), 0.5, 300, 10) == plain
+    plain = recent_for_cost(0.375, _causal_profiles(300))
+    assert recent_for_cost(0.5, _causal_profiles(300, 10), dense_layers=(0, 5)) == plain
 
 
 def test_calibration_windows_lie_between_evaluation_windows(tiny_llama):
@@ -252,11 +231,11 @@ def test_dense_layers_in_evaluation_cost_and_labels(tiny_llama):
     res = evaluate(tiny_llama, TEXT, seq_len=96, windows=1, configs=[SMALL.replace(dense_layers=(1,))],
                    progress=False)
     dga, *baselines = res.methods[1:]
-    plain = evaluate(tiny_llama, TEXT, seq_len=96, windows=1, configs=[SMALL], progress=False, baselines=False)
+    plain = evaluate(tiny_llama, TEXT, seq_len=96, windows=1, configs=[SMALL], progress=False, baselines=())
     # layer 1 of 2 counts as dense (DGA's cost differs a little between layers: focus sets differ)
     assert plain.methods[1].cost < dga.cost < 1.0 and dga.cost == pytest.approx((plain.methods[1].cost + 1) / 2, abs=0.02)
     assert "layers 1 dense" in dga.label
-    assert [("layers 1 dense" in b.label) for b in baselines] == [False, False, True, True]
+    assert [("layers 1 dense" in b.label) for b in baselines] == [False, False, True, True, False]
     streaming_dense = baselines[2]
     assert abs(streaming_dense.cost - dga.cost) < 0.05
 

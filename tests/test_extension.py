@@ -1,14 +1,13 @@
-"""The C++ CPU kernel (csrc/core/, PyTorch binding csrc/torch/, dga_compile/_extension.py) vs the reference."""
+"""The C++ CPU kernel (``impl="cpp"``: csrc/core/, PyTorch binding csrc/torch/,
+dga_compile/_extension.py) vs the reference."""
 
 import shutil
 
 import pytest
 import torch
 
-import dga_compile.blocked as blocked
-from dga_compile import DGAConfig, _extension, reference_attention
+from dga_compile import DGAConfig, _extension, dispatch, dynamic_group_attention, reference_attention
 from dga_compile._validation import causal_like, mask_4d
-from dga_compile.blocked import blocked_attention
 
 from dga_cases import MASK_KINDS, SMALL, TOL, make_mask, qkv, sdpa_golden
 
@@ -66,15 +65,13 @@ def test_exact_cases_equal_sdpa_B2_H4_KV2_N97_D16(cfg, causal, mask):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mask", ["none", "pad_right"])
-def test_half_types_through_blocked_B2_H4_KV2_N257_D32(dtype, mask, monkeypatch):
-    """blocked_attention sends 16-bit inputs through the kernel (in float32) and returns their dtype."""
-    calls = []
-    real = _extension.attention
-    monkeypatch.setattr(blocked._extension, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+def test_half_types_through_the_op_B2_H4_KV2_N257_D32(dtype, mask):
+    """impl="auto" sends 16-bit CPU inference through the kernel (in float32) and returns their dtype."""
     q, k, v = qkv(2, 4, 2, 257, 257, 32, dtype, seed=7)
     attn_mask = make_mask(mask, 2, 4, 257, 257)
-    out = blocked_attention(q, k, v, attn_mask, True, 0.25, SMALL)
-    assert calls and out.dtype == dtype
+    with dispatch.recording() as ran:
+        out = dynamic_group_attention(q, k, v, attn_mask, 0.0, True, 0.25, enable_gqa=True, config=SMALL)
+    assert ran == ["cpp"] and out.dtype == dtype
     torch.testing.assert_close(out, reference_attention(q, k, v, attn_mask, True, 0.25, SMALL), **TOL[dtype])
 
 
@@ -113,10 +110,13 @@ def test_threads_agree_B1_H4_N600_D32():
     torch.testing.assert_close(_native(q, k, v, None, True, SMALL), one, rtol=0, atol=0)
 
 
-def test_not_used_when_autograd_needs_a_graph(monkeypatch):
-    monkeypatch.setattr(blocked._extension, "attention", lambda *a, **kw: pytest.fail("kernel ran under autograd"))
+def test_not_used_when_autograd_needs_a_graph():
+    """The op's forward records no graph (its autograd saves the inputs), so "auto" runs the kernel
+    there; the backward's recomputation needs a graph and runs the blocked path."""
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 64, 64, 8, torch.float32))
-    blocked_attention(q, k, v, None, True, 0.25, SMALL).sum().backward()
+    with dispatch.recording() as ran:
+        dynamic_group_attention(q, k, v, None, 0.0, True, 0.25, config=SMALL).sum().backward()
+    assert ran == ["cpp", "blocked"]
     assert q.grad is not None
 
 

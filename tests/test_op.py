@@ -58,7 +58,7 @@ def test_blocked_op_grads_match_reference_autograd_B2_H4_KV2_N150_D8(dtype, caus
         torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["blocked", "reference"])
+@pytest.mark.parametrize("impl", ["blocked", "reference", "auto"])   # auto: the C++ kernel forward where built
 def test_opcheck(impl):
     q, k, v = qkv(2, 4, 2, 20, 20, 8, torch.float32, seed=3)
     mask = make_mask("pad_left", 2, 4, 20, 20)

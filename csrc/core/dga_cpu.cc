@@ -7,6 +7,7 @@
 #include "dga_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -81,18 +82,20 @@ vec exp_v(vec x) {
   return dead ? vec{} : p * pow2;
 }
 
-// row[0:n) (n % VW == 0) <- exp(row - max); returns the sum, 0 when every entry is -inf.
+// row[0:n) (n % VW == 0) <- exp(row - max); returns the sum: 0 when every entry is -inf (no
+// candidate), NaN when an entry is NaN or +inf (a non-finite input, never hidden: docs/dga.md).
 float softmax_numerators(float* row, int64_t n) {
   vec mx = (vec{} + NEG_INF);
   for (int64_t c = 0; c < n; c += VW) {
     const vec x = loadv(row + c);
-    mx = x > mx ? x : mx;
+    mx = x > mx ? x : mx;  // NaN entries lose every comparison: they reappear through exp below
   }
   float m = NEG_INF;
   for (int l = 0; l < VW; ++l) m = std::max(m, mx[l]);
   if (m == NEG_INF) {
-    std::fill(row, row + n, 0.0f);
-    return 0.0f;
+    const bool nan = std::any_of(row, row + n, [](float x) { return std::isnan(x); });
+    std::fill(row, row + n, nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f);
+    return nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
   }
   vec sum = {};
   for (int64_t c = 0; c < n; c += VW) {
@@ -205,7 +208,7 @@ void aggregate(const Problem& pr, const float* qh, const float* kb, const float*
                Panel& groups) {
   const int64_t D = pr.D, Dv = pr.Dv, m = pr.p.group_size, G = static_cast<int64_t>(sel.anchors.size());
   const float scale = pr.scale();
-  std::vector<float> kbar(G * D, 0.0f), vbar(G * Dv, 0.0f), w(m);
+  std::vector<float> kbar(G * D, 0.0f), vbar(G * Dv, 0.0f), w(G > 0 ? m : 0);  // G > 0 implies m <= Nk
   for (int64_t gi = 0; gi < G; ++gi) {
     const float* qa = qh + sel.anchors[gi] * D;
     const int64_t* members = &sel.nonfocus[gi * m];
@@ -411,9 +414,9 @@ void attend(const Problem& pr, const float* qh, int64_t i0, int64_t i1, Scratch&
       gemm(rows_pad, dv_pad, pad_n(g.count), &sc.s[at], W, g.panel->v.data() + g.first * dv_pad, dv_pad,
            sc.o.data(), dv_pad, /*accumulate=*/!std::exchange(first, 0));
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = sc.sums[r] > 0.0f ? 1.0f / sc.sums[r] : 0.0f;
-    for (int64_t d = 0; d < Dv; ++d) outh[(i0 + r) * Dv + d] = sc.o[r * dv_pad + d] * inv;
+  for (int64_t r = 0; r < rows; ++r) {  // a row with no candidate gives 0; a NaN sum stays NaN
+    const float sum = sc.sums[r], inv = 1.0f / sum;
+    for (int64_t d = 0; d < Dv; ++d) outh[(i0 + r) * Dv + d] = sum == 0.0f ? 0.0f : sc.o[r * dv_pad + d] * inv;
   }
 }
 

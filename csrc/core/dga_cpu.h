@@ -11,7 +11,7 @@ namespace dga {
 // Runs body(i) for every i in [0, total), possibly in parallel (ORT's intra-op thread pool).
 using ParallelFor = std::function<void(size_t total, const std::function<void(size_t)>& body)>;
 
-// Whether the local window applies: is_causal, or the mask hides every j > i (reference.causal_like).
+// Whether the local window applies: is_causal, or the mask hides every j > i (dga_compile._validation.causal_like).
 bool window_applies_cpu(const Problem& pr, const int64_t mask_shape[4]);
 
 // out [B, Hq, Nq, Dv] = DGA(q, k, v) in float32; `window` from window_applies_cpu().

@@ -1,6 +1,6 @@
-// PyTorch binding of the CPU kernel (csrc/core/dga_cpu.cc): the no-grad float32 forward of
-// dga_compile.blocked_attention. Registers dga_native::attention_cpu; loaded by
-// dga_compile._extension, which checks inputs first and falls back to PyTorch without it.
+// PyTorch binding of the CPU kernel (csrc/core/dga_cpu.cc): the no-grad float32 forward of the
+// op's implementation "cpp". Registers dga_native::attention_cpu; loaded by dga_compile._extension
+// (cpp_attention); dga_compile.dispatch runs it only for calls it takes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -43,7 +43,7 @@ void parallel_for(size_t total, const std::function<void(size_t)>& body) {
 
 // out [B, Hq, N, Dv] (float32, contiguous, written whole) = DGA(q, k, v) for one self-attention
 // prefill; mask: None or bool broadcastable to [B, Hq, N, N]; local_window: the spec's window rule
-// applies (reference.causal_like).
+// applies (dga_compile._validation.causal_like).
 void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                    at::Tensor& out, bool is_causal, bool local_window, double scale, double focus_ratio,
                    int64_t group_size, int64_t num_probe, int64_t window, double group_bias) {

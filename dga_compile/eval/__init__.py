@@ -1,6 +1,7 @@
 """Accuracy evaluation: DGA vs dense and equal-cost baselines on real models and text."""
 
-from .methods import CostMeter, Method
+from .cost import Cost, CostMeter
+from .methods import Method
 from .run import EvalResult, MethodResult, evaluate
 
-__all__ = ["CostMeter", "EvalResult", "Method", "MethodResult", "evaluate"]
+__all__ = ["Cost", "CostMeter", "EvalResult", "Method", "MethodResult", "evaluate"]

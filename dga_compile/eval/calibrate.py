@@ -20,7 +20,7 @@ from torch import Tensor
 from ..config import DGAConfig
 from ..integrations.transformers import dga_attend, hf_attention_forward, register_forward, sdpa
 
-__all__ = ["layer_errors", "worst_layers"]
+__all__ = ["layer_errors", "worst_layers", "run_windows"]
 
 
 def layer_errors(model, windows: Sequence[Tensor], config: DGAConfig) -> dict[int, float]:
@@ -37,14 +37,20 @@ def layer_errors(model, windows: Sequence[Tensor], config: DGAConfig) -> dict[in
         err[1] += float((ref ** 2).sum())
         return exact, None
 
-    model.set_attn_implementation(register_forward("dga-calibrate", forward))
+    run_windows(model, register_forward("dga-calibrate", forward), windows)
+    return {layer: (e / max(r, 1e-300)) ** 0.5 for layer, (e, r) in sorted(sums.items())}
+
+
+def run_windows(model, attn_implementation: str, windows: Sequence[Tensor]) -> None:
+    """Dense-model forwards over ``windows`` with the HF attention ``attn_implementation`` (a
+    measuring hook), then back to SDPA."""
+    model.set_attn_implementation(attn_implementation)
     try:
         with torch.no_grad():
             for ids in windows:
                 model(input_ids=ids)
     finally:
         model.set_attn_implementation("sdpa")
-    return {layer: (e / max(r, 1e-300)) ** 0.5 for layer, (e, r) in sorted(sums.items())}
 
 
 def worst_layers(errors: dict[int, float], k: int) -> tuple[int, ...]:

