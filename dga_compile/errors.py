@@ -7,8 +7,8 @@ the classes here are for failures of a whole step (a build, a fetch, a strict re
 
 from __future__ import annotations
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CLIError", "DGAError", "FetchError", "NativeBuildError",
-           "RewriteError"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CacheError", "CLIError", "DGAError", "FetchError",
+           "NativeBuildError", "RewriteError"]
 
 #: Exit statuses of the ``dga-compile`` command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -36,3 +36,7 @@ class RewriteError(DGAError, RuntimeError):
 
 class FetchError(DGAError, RuntimeError):
     """A model or text could not be fetched; the message says what to install or pass instead."""
+
+
+class CacheError(DGAError, RuntimeError):
+    """A `dga_compile.DGACache` was used in a way it cannot serve (e.g. attention that does not read it)."""
