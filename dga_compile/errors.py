@@ -8,7 +8,7 @@ the classes here are for failures of a whole step (a build, a fetch, a strict re
 from __future__ import annotations
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CacheError", "CLIError", "DGAError", "FetchError",
-           "NativeBuildError", "RewriteError"]
+           "ModelLoadError", "NativeBuildError", "RewriteError", "VerificationError"]
 
 #: Exit statuses of the ``dga-compile`` command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -36,6 +36,18 @@ class RewriteError(DGAError, RuntimeError):
 
 class FetchError(DGAError, RuntimeError):
     """A model or text could not be fetched; the message says what to install or pass instead."""
+
+
+class ModelLoadError(DGAError, RuntimeError):
+    """A model file or directory could not be read (corrupt, truncated, unsupported); the message says which."""
+
+
+class VerificationError(DGAError, RuntimeError):
+    """An exported model disagrees with PyTorch; ``verification`` holds the measured errors."""
+
+    def __init__(self, message: str, verification):
+        super().__init__(message)
+        self.verification = verification
 
 
 class CacheError(DGAError, RuntimeError):

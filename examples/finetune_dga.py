@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from dga_compile.backend import last_report
-from dga_compile.eval.fetch import read_text, resolve_model
-from dga_compile.eval.run import load_model, token_ids, window_starts
+from dga_compile.eval.fetch import read_text
+from dga_compile.eval.run import token_ids, window_starts
+from dga_compile.models import load_model
 
 
 def training_windows(num_tokens: int, seq_len: int, eval_len: int, eval_windows: int = 3) -> list[int]:
@@ -54,8 +55,9 @@ def main(argv=None):
         raise SystemExit(f"--out {out} exists; fine-tuning writes a new directory and never overwrites one")
 
     torch.manual_seed(args.seed)
-    model, tokenizer, task = load_model(resolve_model(args.model))
-    if task != "causal-lm":
+    loaded = load_model(args.model, seq_len=args.seq_len, tokenizer=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if loaded.task != "causal-lm":
         raise SystemExit(f"{args.model} is an encoder; this recipe trains causal LMs")
     ids = token_ids(tokenizer, read_text(args.text))
     starts = training_windows(len(ids), args.seq_len, args.eval_len)

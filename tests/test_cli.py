@@ -11,23 +11,14 @@ import torch
 from dga_compile.cli import main
 from dga_compile.onnx import DOMAIN
 
-from _onnx_models import TinyBert, TinyLlama, llama_inputs
+import _cli_models
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A .pt2 archive (with example inputs), a pickled module and a Hugging Face directory."""
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    program = torch.export.export(TinyLlama(layers=1).eval(), llama_inputs(2, 24),
-                                  dynamic_shapes=({1: torch.export.Dim("n", min=2, max=4096)},))
-    torch.export.save(program, d / "llama.pt2")
-    torch.save(TinyBert(layers=1).eval(), d / "bert.pt")
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "hf-llama")
-    return d
+    pytest.importorskip("transformers")
+    return _cli_models.build(tmp_path_factory.mktemp("models"))
 
 
 def _dga_nodes(path) -> int:
@@ -143,3 +134,47 @@ def test_dense_layers_flag_keeps_the_site_dense(models, tmp_path, capsys):
     assert "0 of 1 attention sites rewritten" in cap.err and _dga_nodes(out) == 0
     rc, _ = _convert(models, tmp_path / "bad", "llama.pt2", "--dense-layers", "0,x")
     assert rc == 2 and "invalid literal" in capsys.readouterr().err
+
+
+def test_convert_inspect_and_verify_are_library_functions(models, tmp_path):
+    """What `convert --verify` and `inspect` do runs from Python, without the CLI (#14)."""
+    from dga_compile import deploy
+    from dga_compile.models import load_model
+
+    loaded = load_model(models / "llama.pt2")
+    assert loaded.kind == "pt2" and loaded.args[0].shape == (2, 24)
+    done = deploy.convert(loaded, tmp_path / "m.onnx", verify=True)
+    assert done.path == tmp_path / "m.onnx" and _dga_nodes(done.path) == done.dga_nodes == 1
+    assert done.verification.failure is None and done.verification.impl in ("native", "function")
+    assert [o.shape for o in done.verification.outputs] == [(2, 24, 61)]
+    again = deploy.compare(done.program, done.path, loaded.args, tolerance=1e-3)
+    assert again.outputs[0].max_abs < 1e-3
+    (site,) = deploy.inspect(loaded).sites
+    assert site.q_shape[1:] == (4, 24, 8) and site.k_shape[1] == 2 and site.is_causal and site.mask is None
+    assert site.config.group_size == 4  # the archive's own parameters (tests/_onnx_models.CONFIG)
+
+
+def test_verify_runs_the_reference_implementation(models):
+    """--verify compares ONNX Runtime with the spec (impl="reference"), not with the C++ kernel the
+    native ORT op shares; the program itself is left as it was."""
+    from dga_compile import deploy
+    from dga_compile.models import load_model
+    from dga_compile.onnx.export import dga_nodes
+    from dga_compile.ops import OpCall
+
+    program = load_model(models / "llama.pt2").model
+    module = deploy.reference_module(program)
+    impls = [OpCall.parse(n.args).config.impl for n in module.graph.nodes
+             if n.op == "call_function" and n.target == torch.ops.dga.attention.default]
+    assert impls == ["reference"]
+    assert [OpCall.parse(n.args).config.impl for n in dga_nodes(program)] == ["auto"]
+
+
+def test_eval_loads_models_with_the_cli_loader(models, monkeypatch):
+    """One `load_model` for the CLI and the evaluation (#14): eval goes through dga_compile.models."""
+    import dga_compile.eval.run as run
+    from dga_compile import models as loader
+
+    assert run.load_model is loader.load_model
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        run.Evaluation(models / "hf-llama", "some text", seq_len=16, windows=1, progress=False)

@@ -235,8 +235,10 @@ def test_calibration_windows_lie_between_evaluation_windows(tiny_llama):
 
 def test_layer_errors_and_worst_layers(tiny_llama):
     from dga_compile.eval.calibrate import layer_errors, worst_layers
-    from dga_compile.eval.run import load_model, token_windows
-    model, tok, _ = load_model(tiny_llama)
+    from dga_compile.eval.run import token_windows
+    from dga_compile.models import load_model
+    loaded = load_model(tiny_llama, tokenizer=True)
+    model, tok = loaded.model, loaded.tokenizer
     wins = token_windows(tok, TEXT, 96, 1)
     errors = layer_errors(model, wins, SMALL)
     assert sorted(errors) == [0, 1] and all(0 < e < 10 for e in errors.values())

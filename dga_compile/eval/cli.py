@@ -1,7 +1,7 @@
 """``dga-compile eval MODEL [--text FILE] [--seq-len N] ...``: the command-line face of `dga_compile.eval`.
 
-`add_parser` is registered as ``eval`` in `dga_compile.cli.SUBCOMMANDS`; also runs as
-``python -m dga_compile.eval``.
+`add_parser` is registered as ``eval`` in `dga_compile.cli.SUBCOMMANDS`; `main` runs it alone,
+as ``python -m dga_compile.eval`` (both through `dga_compile._command.run`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from typing import Optional, Sequence
 
 from rich.console import Console
 
-from ..cli import add_config_arguments, config_from_args
-from ..errors import EXIT_USAGE, CLIError
+from .._command import CONFIG_FLAGS, add_config_arguments, config_from_args, run, usage_errors
 from ..config import DGAConfig
+from ..errors import EXIT_USAGE, CLIError
 
 __all__ = ["add_parser", "parse_config", "main"]
-
-_NUMERIC = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len")
 
 
 def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGAConfig:
@@ -26,8 +24,8 @@ def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGACo
     changes = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, sep, val = item.partition("=")
-        if not sep or key not in _NUMERIC:
-            raise ValueError(f"--config entries are KEY=VALUE with KEY in {_NUMERIC}, got {item!r}")
+        if not sep or key not in CONFIG_FLAGS:
+            raise ValueError(f"--config entries are KEY=VALUE with KEY in {CONFIG_FLAGS}, got {item!r}")
         changes[key] = float(val) if key in ("focus_ratio", "group_bias") else int(val)
     return base.replace(**changes)
 
@@ -51,21 +49,19 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import layer_errors, worst_layers
-    from .fetch import jargon_text, read_text, resolve_model
+    from .fetch import jargon_text, read_text
     from .report import calibration_table, rich_table, save_json, save_plot
     from .run import Evaluation, token_windows
 
     if args.min_seq_len is None:
         args.min_seq_len = 0
     base = config_from_args(args)
-    try:
+    with usage_errors():
         configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
-    except ValueError as e:
-        raise CLIError(str(e), EXIT_USAGE) from e
     text_path = args.text or jargon_text()
     text = read_text(text_path)
     out = Console()
-    ev = Evaluation(resolve_model(args.model), text, args.seq_len, args.windows, not args.quiet, text_path.name)
+    ev = Evaluation(args.model, text, args.seq_len, args.windows, not args.quiet, text_path.name)
     if args.calibrate:
         if ev.task != "causal-lm":
             raise CLIError("--calibrate needs a causal LM (it measures the last half of each window)", EXIT_USAGE)
@@ -86,18 +82,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds ``eval``."""
-    about = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window) on a real model "
-             "and text: perplexity (causal LMs) or pooled-embedding cosine (encoders); table, JSON, PNG.")
-    p = subparsers.add_parser("eval", help=about, description=about)
+_ABOUT = ("Accuracy of DGA vs dense and equal-cost baselines (StreamingLLM, top-k + window) on a real model "
+          "and text: perplexity (causal LMs) or pooled-embedding cosine (encoders); table, JSON, PNG.")
+
+
+def _with_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _arguments(p)
     p.set_defaults(handler=_run)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dga-compile eval ...`` through the project CLI."""
-    from ..cli import main as cli_main
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``eval``."""
+    return _with_arguments(subparsers.add_parser("eval", help=_ABOUT, description=_ABOUT))
 
-    return cli_main(["eval", *(argv or [])])
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dga_compile.eval ...``: the same as ``dga-compile eval ...``; the exit status."""
+    return run(_with_arguments(argparse.ArgumentParser(prog="python -m dga_compile.eval", description=_ABOUT)), argv)

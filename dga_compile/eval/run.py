@@ -17,10 +17,10 @@ import torch
 
 from ..config import DGAConfig
 from ..integrations.transformers import register_attention
+from ..models import load_model
 from .methods import CostMeter, Method, attend_fn, recent_for_cost
 
-__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "load_model", "token_ids", "token_windows",
-           "window_starts"]
+__all__ = ["MethodResult", "EvalResult", "Evaluation", "evaluate", "token_ids", "token_windows", "window_starts"]
 
 
 @dataclasses.dataclass
@@ -50,17 +50,6 @@ class EvalResult:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def load_model(path: Union[str, Path]):
-    """(model, tokenizer, task) for an HF model directory, fp32, eval mode, SDPA attention."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.is_decoder
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return model, AutoTokenizer.from_pretrained(path), "causal-lm" if causal else "encoder"
 
 
 def token_windows(tokenizer, text: str, seq_len: int, windows: int, between: bool = False) -> list[torch.Tensor]:
@@ -94,8 +83,9 @@ class Evaluation:
 
     def __init__(self, model_path: Union[str, Path], text: str, seq_len: int = 2048, windows: int = 3,
                  progress: bool = True, text_name: str = "text"):
-        self.model_path, self.text_name, self.seq_len, self.progress = str(model_path), text_name, seq_len, progress
-        self.model, self.tokenizer, self.task = load_model(model_path)
+        loaded = load_model(model_path, seq_len=seq_len, tokenizer=True)  # an HF directory or alias
+        self.model, self.tokenizer, self.task = loaded.model, loaded.tokenizer, loaded.task
+        self.model_path, self.text_name, self.seq_len, self.progress = str(loaded.path), text_name, seq_len, progress
         self.windows = token_windows(self.tokenizer, text, seq_len, windows)
         self._run = _causal_nll if self.task == "causal-lm" else _pooled
         self.reference = self._measure(Method("dense"))
