@@ -286,6 +286,14 @@ class DGALayer(CacheLayerMixin):
             return self.packed.nbytes() + self.recent.nbytes()
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
+    def slots_at(self, n_seen: int) -> int:
+        """Slots per (row, kv head) once a step ends at ``n_seen`` positions (a compressed layer
+        fed one token per step): n_focus + ⌊n_seen/m⌋ blocks + the recent run from the first block
+        not complete for position n_seen − 1."""
+        m = self.config.group_size
+        formed = n_seen // m
+        return self.n_focus + formed + n_seen - min(complete_blocks(n_seen - 1, self.config), formed) * m
+
     def num_slots(self) -> int:
         """Slots a decode query reads per (row, kv head), −inf ones included (n_seen before compression)."""
         return len(self.packed) + len(self.recent) if self.compressed else self.n_seen

@@ -72,6 +72,19 @@ def test_cache_is_smaller_than_dense_and_counts_its_slots():
     assert layer.nbytes() < dense / 3
 
 
+def test_slots_at_predicts_the_layer_size():
+    """`DGALayer.slots_at` (the eval's budget for the baselines) is the size single-token steps reach."""
+    q, k, v, real = history(1, 4, 2, 120, 8, seed=8)
+    layer = DGALayer(SMALL, 0)
+    drive_layer(layer, q[:, :, :60], k[:, :, :60], v[:, :, :60], real, 60)
+    sizes = []
+    for i in range(60, 120):
+        layer.update(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        layer.attend(q[:, :, i:i + 1], None, 0.3, dense=None)
+        sizes.append((layer.num_slots(), layer.slots_at(i + 1)))
+    assert all(a == b for a, b in sizes)
+
+
 def test_short_prefill_stays_dense():
     q, k, v, real = history(1, 2, 2, 30, 8, seed=1)
     layer = DGALayer(SMALL.replace(min_seq_len=100), 0)

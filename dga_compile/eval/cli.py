@@ -15,6 +15,7 @@ from rich.console import Console
 from .._command import CONFIG_FLAGS, add_config_arguments, config_from_args, run, usage_errors
 from ..config import DGAConfig
 from ..errors import EXIT_USAGE, CLIError
+from .decode import add_arguments as add_decode_arguments
 
 __all__ = ["add_parser", "parse_config", "main"]
 
@@ -35,6 +36,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: the Jargon File from Debian's jargon-text)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--windows", type=int, default=3, help="evenly spaced windows of text (default 3)")
+    p.add_argument("--task", choices=("perplexity", "decode"), default="perplexity",
+                   help="perplexity of windows (default), or decode: generation from the DGA cache vs dense and "
+                        "equal-size eviction caches (dga_compile.eval.decode)")
     add_config_arguments(p)
     p.add_argument("--config", action="append", metavar="KEY=VAL,...",
                    help="a DGA config to measure, as changes to the flags above (repeatable), e.g. "
@@ -45,6 +49,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip StreamingLLM and top-k + window")
     p.add_argument("--out", type=Path, default=Path("dga-eval"), help="output prefix: PREFIX.json, PREFIX.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_decode_arguments(p)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -60,6 +65,9 @@ def _run(args: argparse.Namespace) -> int:
         configs = [parse_config(spec, base) for spec in args.config] if args.config else [base]
     text_path = args.text or jargon_text()
     text = read_text(text_path)
+    if args.task == "decode":
+        from .decode import run_cli
+        return run_cli(args, configs[0], text, text_path.name)
     out = Console()
     ev = Evaluation(args.model, text, args.seq_len, args.windows, not args.quiet, text_path.name)
     if args.calibrate:
