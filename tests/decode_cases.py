@@ -53,4 +53,4 @@ def drive_layer(layer, q: Tensor, k: Tensor, v: Tensor, real: Tensor, n_prefill:
         mask = causal_mask(real, i, i + s) if mask_every_step else None
         outs.append(layer.attend(q[:, :, i:i + s], mask, scale, dense=None, impl=impl))
         i += s
-    return torch.cat(outs, 2)
+    return torch.cat(outs, 2) if outs else None
