@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cpu import machine
 from dga_compile import DGAConfig
-from dga_compile.cache import DGACache, DGALayer
+from dga_compile.cache import DGACache, DGALayer, cache_nbytes
 from dga_compile.decode_op import decode_attention, native_available
 
 HQ, HKV, D = 9, 3, 64
@@ -116,11 +116,6 @@ def _filled_caches(model, n: int, cfg: DGAConfig):
     return dense, dga
 
 
-def _cache_bytes(cache) -> int:
-    return cache.nbytes() if isinstance(cache, DGACache) else sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def bench_model(model, n: int, cfg: DGAConfig, steps: int) -> dict:
     """Part 2 at context n: median ms per decode step, DynamicCache vs DGACache, alternating."""
     caches = dict(zip(("dense", "dga"), _filled_caches(model, n, cfg)))
@@ -134,7 +129,7 @@ def bench_model(model, n: int, cfg: DGAConfig, steps: int) -> dict:
                 if step:                                         # the first step warms up
                     times[name].append(time.perf_counter() - start)
     t = {k: statistics.median(x) for k, x in times.items()}
-    sizes = {k: _cache_bytes(c) for k, c in caches.items()}
+    sizes = {k: cache_nbytes(c) for k, c in caches.items()}
     return {"n": n, "dense_ms": 1e3 * t["dense"], "dga_ms": 1e3 * t["dga"], "speedup": t["dense"] / t["dga"],
             "dense_bytes": sizes["dense"], "dga_bytes": sizes["dga"], "bytes_fraction": sizes["dga"] / sizes["dense"]}
 
@@ -159,7 +154,7 @@ def bench_end_to_end(model, n: int, tokens: int, cfg: DGAConfig) -> dict:
             start = time.perf_counter()
             model.generate(ids, cache=cache, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
             out[f"{name}_prefill_s"], out[f"{name}_ms_per_token"] = prefill, 1e3 * (time.perf_counter() - start) / tokens
-        out[f"{name}_bytes"] = _cache_bytes(cache)
+        out[f"{name}_bytes"] = cache_nbytes(cache)
     out["speedup_per_token"] = out["dense_ms_per_token"] / out["dga_ms_per_token"]
     return out
 

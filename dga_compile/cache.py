@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - transformers is an optional dependency
     Cache = CacheLayerMixin = object
     DynamicLayer = DYNAMIC_LAYER_TYPE_MAPPING = get_layer_types_and_kwargs = None
 
-__all__ = ["DGACache", "DGALayer", "CACHE_LAYER_KEY"]
+__all__ = ["DGACache", "DGALayer", "CACHE_LAYER_KEY", "cache_nbytes"]
 
 #: The key under which `DGALayer.update` puts itself into the attention call's kwargs.
 CACHE_LAYER_KEY = "dga_cache_layer"
@@ -365,7 +365,7 @@ class DGACache(Cache):
 
     def nbytes(self) -> int:
         """Bytes the cache holds now, over all layers."""
-        return sum(_layer_nbytes(layer) for layer in self.layers)
+        return cache_nbytes(self)
 
     def dense_nbytes(self) -> int:
         """Bytes a `DynamicCache` with the same model config would hold for the same tokens."""
@@ -378,6 +378,11 @@ class DGACache(Cache):
             else:
                 total += _layer_nbytes(layer)
         return total
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a transformers `Cache` holds now (a `DGACache`'s slots and λ, any other layer's keys and values)."""
+    return sum(_layer_nbytes(layer) for layer in cache.layers)
 
 
 def _layer_nbytes(layer) -> int:

@@ -231,3 +231,24 @@ def test_dense_layers_keep_a_dynamic_layer():
     cache = DGACache(SMALL.replace(dense_layers=(1,)), model.config)
     model.generate(ids, attention_mask=mask, max_new_tokens=4, cache=cache)
     assert isinstance(cache.layers[0], DGALayer) and type(cache.layers[1]) is transformers.DynamicLayer
+
+
+@pytest.mark.slow
+def test_compiled_decode_does_not_recompile_per_step():
+    """torch.compile(model.forward, backend="dga") with a DGACache: after one short generation has
+    compiled every graph, a longer one (new cache, same prompt length) compiles nothing new, and
+    both give eager's tokens. (Recompiles that remain are bounded: prefill vs decode, the steps
+    that form or complete a block.)"""
+    from torch._dynamo.utils import counters
+
+    model = _tiny(attn=register(SMALL, name="dga-test-cache"))
+    ids, _ = _prompt(B=1)
+    want = model.generate(ids, max_new_tokens=30, do_sample=False, cache=DGACache(SMALL, model.config))
+    model.forward = torch.compile(model.forward, backend="dga")
+    torch._dynamo.reset()
+    counters.clear()
+    model.generate(ids, max_new_tokens=12, do_sample=False, cache=DGACache(SMALL, model.config))
+    graphs = counters["stats"]["unique_graphs"]
+    got = model.generate(ids, max_new_tokens=30, do_sample=False, cache=DGACache(SMALL, model.config))
+    assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == graphs
