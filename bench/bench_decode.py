@@ -14,7 +14,9 @@
    prompt of the Jargon File: SDPA + DynamicCache vs SDPA prefill + DGACache.
 
 Dense and DGA runs alternate and medians are compared, so load from other processes hits both
-alike; the bytes columns are what each cache holds. Writes bench/results/decode.{json,md}.
+alike; each time is reported as wall time and as the CPU time this process used (the steadier
+one on a shared machine). The bytes columns are what each cache holds. Writes
+bench/results/decode.{json,md}.
 
     python bench/bench_decode.py                      # N = 4K 8K 16K 32K
     python bench/bench_decode.py --sizes 4096 --steps 4 --repeats 3 --e2e-len 0
@@ -43,13 +45,21 @@ HQ, HKV, D = 9, 3, 64
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _clocks() -> tuple[float, float]:
+    """(wall, CPU) seconds: on a loaded machine the CPU time this process used is the steadier of the two."""
+    return time.perf_counter(), time.process_time()
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call."""
+    w, c = _clocks()
+    fn()
+    w2, c2 = _clocks()
+    return w2 - w, c2 - c
+
+
+def _medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
 
 
 def _compressed_layer(n: int, cfg: DGAConfig, gen: torch.Generator, idx: int = 0) -> DGALayer:
@@ -85,11 +95,12 @@ def bench_attention(n: int, cfg: DGAConfig, repeats: int) -> dict:
             fn()
         for _ in range(repeats):
             for name, fn in (("dense", dense), ("kernel", kernel), ("step", step)):
-                times[name].append(_median(fn, 5))
-    t = {k_: statistics.median(x) for k_, x in times.items()}
+                times[name] += [_timed(fn) for _ in range(5)]
+    (dw, dc), (kw, kc), (sw, sc) = (_medians(times[k_]) for k_ in ("dense", "kernel", "step"))
     dense_bytes = 2 * HKV * n * D * 4
-    return {"n": n, "dense_ms": 1e3 * t["dense"], "dga_kernel_ms": 1e3 * t["kernel"], "dga_step_ms": 1e3 * t["step"],
-            "kernel_speedup": t["dense"] / t["kernel"], "step_speedup": t["dense"] / t["step"],
+    return {"n": n, "dense_ms": 1e3 * dw, "dga_kernel_ms": 1e3 * kw, "dga_step_ms": 1e3 * sw,
+            "kernel_speedup": dw / kw, "step_speedup": dw / sw, "dense_cpu_ms": 1e3 * dc, "dga_kernel_cpu_ms": 1e3 * kc,
+            "dga_step_cpu_ms": 1e3 * sc, "kernel_cpu_speedup": dc / kc, "step_cpu_speedup": dc / sc,
             "dense_bytes": dense_bytes, "dga_bytes": layer.nbytes(), "bytes_fraction": layer.nbytes() / dense_bytes}
 
 
@@ -124,14 +135,14 @@ def bench_model(model, n: int, cfg: DGAConfig, steps: int) -> dict:
     with torch.no_grad():
         for step in range(steps + 1):
             for name, cache in caches.items():
-                start = time.perf_counter()
-                model(input_ids=tok, cache=cache, use_cache=True)
+                t = _timed(lambda c=cache: model(input_ids=tok, cache=c, use_cache=True))
                 if step:                                         # the first step warms up
-                    times[name].append(time.perf_counter() - start)
-    t = {k: statistics.median(x) for k, x in times.items()}
+                    times[name].append(t)
+    (dw, dc), (gw, gc) = _medians(times["dense"]), _medians(times["dga"])
     sizes = {k: cache_nbytes(c) for k, c in caches.items()}
-    return {"n": n, "dense_ms": 1e3 * t["dense"], "dga_ms": 1e3 * t["dga"], "speedup": t["dense"] / t["dga"],
-            "dense_bytes": sizes["dense"], "dga_bytes": sizes["dga"], "bytes_fraction": sizes["dga"] / sizes["dense"]}
+    return {"n": n, "dense_ms": 1e3 * dw, "dga_ms": 1e3 * gw, "speedup": dw / gw, "dense_cpu_ms": 1e3 * dc,
+            "dga_cpu_ms": 1e3 * gc, "cpu_speedup": dc / gc, "dense_bytes": sizes["dense"], "dga_bytes": sizes["dga"],
+            "bytes_fraction": sizes["dga"] / sizes["dense"]}
 
 
 def bench_end_to_end(model, n: int, tokens: int, cfg: DGAConfig) -> dict:
@@ -148,12 +159,11 @@ def bench_end_to_end(model, n: int, tokens: int, cfg: DGAConfig) -> dict:
     for name, make in (("dense", lambda: DynamicCache(config=model.config)), ("dga", lambda: DGACache(cfg, model.config))):
         cache = make()
         with torch.no_grad():
-            start = time.perf_counter()
-            model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(ids, cache=cache, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
-            out[f"{name}_prefill_s"], out[f"{name}_ms_per_token"] = prefill, 1e3 * (time.perf_counter() - start) / tokens
+            prefill = _timed(lambda c=cache: model(input_ids=ids[:, :-1], cache=c, use_cache=True))[0]
+            gen = _timed(lambda c=cache: model.generate(ids, cache=c, max_new_tokens=tokens, do_sample=False,
+                                                        min_new_tokens=tokens))
+        out[f"{name}_prefill_s"], out[f"{name}_ms_per_token"] = prefill, 1e3 * gen[0] / tokens
+        out[f"{name}_cpu_ms_per_token"] = 1e3 * gen[1] / tokens
         out[f"{name}_bytes"] = cache_nbytes(cache)
     out["speedup_per_token"] = out["dense_ms_per_token"] / out["dga_ms_per_token"]
     return out
@@ -167,25 +177,31 @@ def to_markdown(res: dict) -> str:
              f"{'yes' if res['native'] else 'no (PyTorch path)'}.",
              f"DGA γ={c['focus_ratio']}, m={c['group_size']}, w={c['window']}, r={c['num_probe']}, β={c['group_bias']}.",
              "", "Attention alone (one decode query, Hq=9, Hkv=3, D=64, fp32):", "",
-             "| N | dense SDPA (ms) | DGA kernel (ms) | kernel speedup | DGA layer step (ms) | step speedup | cache vs dense |",
+             "| N | dense SDPA ms (CPU ms) | DGA kernel ms (CPU ms) | kernel speedup wall (CPU) | DGA layer step ms "
+             "(CPU ms) | step speedup wall (CPU) | cache vs dense |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["attention"]:
-        lines.append(f"| {r['n']} | {r['dense_ms']:.3f} | {r['dga_kernel_ms']:.3f} | {r['kernel_speedup']:.2f}× | "
-                     f"{r['dga_step_ms']:.3f} | {r['step_speedup']:.2f}× | {r['bytes_fraction']:.1%} |")
+        lines.append(f"| {r['n']} | {r['dense_ms']:.3f} ({r['dense_cpu_ms']:.3f}) | {r['dga_kernel_ms']:.3f} "
+                     f"({r['dga_kernel_cpu_ms']:.3f}) | {r['kernel_speedup']:.2f}× ({r['kernel_cpu_speedup']:.2f}×) | "
+                     f"{r['dga_step_ms']:.3f} ({r['dga_step_cpu_ms']:.3f}) | {r['step_speedup']:.2f}× "
+                     f"({r['step_cpu_speedup']:.2f}×) | {r['bytes_fraction']:.1%} |")
     if res["model"]:
         lines += ["", "SmolLM2-135M decode step (30 layers, caches of N random tokens):", "",
-                  "| N | DynamicCache (ms/token) | DGACache (ms/token) | speedup | cache MiB dense | DGA | DGA vs dense |",
+                  "| N | DynamicCache ms/token (CPU ms) | DGACache ms/token (CPU ms) | speedup wall (CPU) | cache MiB "
+                  "dense | DGA | DGA vs dense |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["model"]:
-            lines.append(f"| {r['n']} | {r['dense_ms']:.1f} | {r['dga_ms']:.1f} | {r['speedup']:.2f}× | "
+            lines.append(f"| {r['n']} | {r['dense_ms']:.1f} ({r['dense_cpu_ms']:.1f}) | {r['dga_ms']:.1f} "
+                         f"({r['dga_cpu_ms']:.1f}) | {r['speedup']:.2f}× ({r['cpu_speedup']:.2f}×) | "
                          f"{r['dense_bytes'] / 2**20:.0f} | {r['dga_bytes'] / 2**20:.0f} | {r['bytes_fraction']:.1%} |")
     if res.get("end_to_end"):
         e = res["end_to_end"]
         lines += ["", f"End to end: {e['n']}-token prompt + {e['tokens']} greedy tokens with generate():", "",
-                  "| cache | prefill (s) | ms/token | cache MiB |", "|---|---:|---:|---:|",
-                  f"| DynamicCache | {e['dense_prefill_s']:.1f} | {e['dense_ms_per_token']:.1f} | "
-                  f"{e['dense_bytes'] / 2**20:.0f} |",
-                  f"| DGACache | {e['dga_prefill_s']:.1f} | {e['dga_ms_per_token']:.1f} | {e['dga_bytes'] / 2**20:.0f} |"]
+                  "| cache | prefill (s) | ms/token (CPU ms) | cache MiB |", "|---|---:|---:|---:|",
+                  f"| DynamicCache | {e['dense_prefill_s']:.1f} | {e['dense_ms_per_token']:.1f} "
+                  f"({e['dense_cpu_ms_per_token']:.1f}) | {e['dense_bytes'] / 2**20:.0f} |",
+                  f"| DGACache | {e['dga_prefill_s']:.1f} | {e['dga_ms_per_token']:.1f} ({e['dga_cpu_ms_per_token']:.1f}) | "
+                  f"{e['dga_bytes'] / 2**20:.0f} |"]
     return "\n".join(lines) + "\n"
 
 

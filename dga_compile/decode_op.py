@@ -49,13 +49,23 @@ def resolve_decode_impl(impl: str, q: Tensor, tensors: tuple[Tensor, ...]) -> st
     return "reference"
 
 
-@torch.library.custom_op("dga::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, pk: Tensor, pv: Tensor, pl: Tensor, rk: Tensor, rv: Tensor, rl: Tensor,
-                     scale: float, impl: str) -> Tensor:
+                     scale: float, impl: str = "auto") -> Tensor:
     """q [B, Hq, n, D] over the packed slots (pk, pv, pl: [B, Hkv, P, ·]) and the recent raw tokens
     (rk, rv, rl: [B, Hkv, R, ·], the last n the step's own, causal) -> [B, Hq, n, Dv] in q's dtype.
-    Semantics: `dga_compile.decode_reference.slot_attention`. Inputs may be strided views
-    (the last dim contiguous); λ tensors are float32 (float64 for float64 caches)."""
+
+    Semantics: `dga_compile.decode_reference.slot_attention`. Inputs may be strided views (the
+    last dim contiguous); λ tensors are float32 (float64 for float64 caches). Under tracing
+    (torch.compile, export) this is the custom op ``torch.ops.dga.decode_attention``; eagerly it
+    calls the implementation directly (the custom op's dispatch costs about as much as the kernel
+    at a few thousand slots)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dga.decode_attention(q, pk, pv, pl, rk, rv, rl, scale, impl)
+    return _decode_attention(q, pk, pv, pl, rk, rv, rl, scale, impl)
+
+
+def _decode_attention(q: Tensor, pk: Tensor, pv: Tensor, pl: Tensor, rk: Tensor, rv: Tensor, rl: Tensor,
+                      scale: float, impl: str) -> Tensor:
     which = resolve_decode_impl(impl, q, (pk, pv, rk, rv))
     if which == "native":
         out = q.new_empty(q.shape[:3] + pv.shape[3:])
@@ -67,6 +77,9 @@ def decode_attention(q: Tensor, pk: Tensor, pv: Tensor, pl: Tensor, rk: Tensor, 
     return slot_attention(q, pk, pv, pl, rk, rv, rl, scale).contiguous()
 
 
-@decode_attention.register_fake
+_op = torch.library.custom_op("dga::decode_attention", _decode_attention, mutates_args=())
+
+
+@_op.register_fake
 def _(q, pk, pv, pl, rk, rv, rl, scale, impl):
     return q.new_empty(q.shape[:3] + pv.shape[3:])
