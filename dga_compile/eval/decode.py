@@ -9,7 +9,8 @@ Per window of real text (``--seq-len`` prompt tokens, then ``--continuation`` mo
    row: *dense* (every token), *DGA* (its DGA layers: what ``generate(cache=DGACache(...))``
    reads), *SnapKV* (kvpress's SnapKVPress scoring: the last 64 prompt queries' attention,
    pooled over 5 tokens and averaged over each kv head's query heads; the best prompt tokens +
-   a sliding window of the last 64) and *StreamingLLM* (4 sinks + a sliding window). The two
+   a sliding window of the last w tokens, DGA's own window: with 64, as kvpress keeps, SnapKV
+   measured far worse) and *StreamingLLM* (4 sinks + a sliding window). The two
    baselines keep, per layer and kv head, as many tokens as the DGA cache's mean size in bytes
    (its λ and empty slots included). Perplexity of the continuation, Δ vs dense.
 3. **Greedy agreement**: from the same prefill each row generates ``--greedy`` tokens from its
@@ -177,7 +178,7 @@ class _Rows:
     def _keep(self, L: int, T: int, device) -> Tensor:
         """Which keys rows dense, (dga: unused), snapkv, streaming attend to at query position T − 1."""
         pos = torch.arange(T, device=device)
-        recent = pos > T - 1 - SNAP_WINDOW
+        recent = pos > T - 1 - self.config.window
         snap = torch.zeros(self.keep[L].shape[0], T, dtype=torch.bool, device=device)
         snap[:, :self.n_prompt] = self.keep[L]
         stream = (pos < SINKS) | (pos > T - 1 - (self.budget - SINKS))
@@ -194,7 +195,8 @@ class _Rows:
                  for n in range(self.n_prompt + 1, self.n_prompt + n_cont)]
         self.budget = round(sum(slots) / len(slots) * slot / token)
         for L, s in self.scores.items():
-            top = s[0].topk(min(max(self.budget - SNAP_WINDOW, 0), s.shape[-1]), dim=-1).indices   # positions < N − 64
+            cand = s[0, :, :max(self.n_prompt - self.config.window, 0)]             # outside the first window
+            top = cand.topk(min(max(self.budget - self.config.window, 0), cand.shape[-1]), dim=-1).indices
             self.keep[L] = torch.zeros(s.shape[1], self.n_prompt, dtype=torch.bool, device=s.device).scatter_(
                 -1, top, True)
 
@@ -237,7 +239,8 @@ def _window(model, rows: _Rows, ids: Tensor, n_prompt: int, n_cont: int, n_greed
 
 def _summaries(wins: list[dict], config: DGAConfig) -> list[DecodeMethod]:
     out = []
-    labels = {"dense": "dense cache", "dga": _dga_label(config), "snapkv": "SnapKV (top + 64 recent), same bytes",
+    labels = {"dense": "dense cache", "dga": _dga_label(config),
+              "snapkv": f"SnapKV (top + {config.window} recent), same bytes",
               "streaming": f"StreamingLLM ({SINKS} sinks + recent), same bytes"}
     dense_ppl = math.exp(torch.cat([w["nll"][0] for w in wins]).mean())
     for r, kind in enumerate(METHODS):
