@@ -252,3 +252,14 @@ def test_compiled_decode_does_not_recompile_per_step():
     got = model.generate(ids, max_new_tokens=30, do_sample=False, cache=DGACache(SMALL, model.config))
     assert torch.equal(got, want)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_export_refuses_a_dga_cache_input():
+    """docs/dga.md (Decoding, ONNX): no exported graph reads a DGA cache; torch.export refuses one as input."""
+    model = _tiny(attn=register(SMALL, name="dga-test-cache"))
+    ids, _ = _prompt(B=1)
+    cache = DGACache(SMALL, model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="Unsupported input type .*DGACache"):
+        torch.export.export(model, (ids[:, :1],), {"cache": cache, "use_cache": True})
