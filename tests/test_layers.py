@@ -25,13 +25,14 @@ ROOTS = {"dga_compile": "dga_compile", "passes": "dga_compile.passes", "kernels"
 LAYERS = [
     (0, "base", ("dga_compile.errors", "dga_compile.config", "dga_compile._validation")),
     (1, "selection", ("dga_compile.selection",)),                        # steps 1–4 of the spec
-    (2, "reference", ("dga_compile.reference",)),                        # the spec in code
+    (2, "reference", ("dga_compile.reference", "dga_compile.decode_reference")),  # the spec in code
     (3, "blocked", ("dga_compile.blocked", "dga_compile._blocked_fast")),  # the implementations ...
     (3, "kernels", ("dga_compile.kernels",)),
     (3, "cpp", ("dga_compile._extension",)),
-    (4, "op", ("dga_compile.ops", "dga_compile.dispatch")),             # custom op, OpCall, the table
+    (4, "op", ("dga_compile.ops", "dga_compile.dispatch", "dga_compile.decode_op")),  # custom ops, the table
     (5, "api", ("dga_compile.api",)),
     (5, "policy", ("dga_compile.policy",)),                              # the one site policy, its report
+    (5, "cache", ("dga_compile.cache",)),                                # the DGA KV cache (decoding)
     (6, "passes", ("dga_compile.passes",)),
     (6, "integrations", ("dga_compile.integrations",)),
     (7, "backend", ("dga_compile.backend",)),

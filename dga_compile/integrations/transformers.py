@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import dynamic_group_attention
+from ..cache import CACHE_LAYER_KEY
 from ..config import DGAConfig
 from .. import policy
 from ..policy import RewriteReport, Site
@@ -136,6 +137,7 @@ def hf_attention_forward(attend: Attend, dense: Attend = sdpa, dense_layers: Seq
                 dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                 position_bias: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
         _validate_hf_kwargs(position_bias, kwargs)
+        cache_layer = kwargs.pop(CACHE_LAYER_KEY, None)          # a DGACache layer: it reads its own slots
         nq = query.shape[2]
         declared = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         causal = bool(nq > 1 and attention_mask is None and declared)
@@ -156,7 +158,12 @@ def hf_attention_forward(attend: Attend, dense: Attend = sdpa, dense_layers: Seq
             out, weights = eager_attention(query, key, value, attention_mask, causal, scaling, float(dropout))
             return out.transpose(1, 2).contiguous(), weights
         fn = attend if decision.rewrite else dense
-        out = fn(query, key, value, attention_mask, causal, scaling, float(dropout))
+        if cache_layer is not None:
+            out = cache_layer.attend(query, attention_mask, scaling or query.shape[-1] ** -0.5,
+                                     lambda: fn(query, key, value, attention_mask, causal, scaling, float(dropout)),
+                                     kwargs.get("sliding_window"))
+        else:
+            out = fn(query, key, value, attention_mask, causal, scaling, float(dropout))
         return out.transpose(1, 2).contiguous(), None
 
     return forward
