@@ -46,14 +46,6 @@ LAYERS = [
 #: Imported only inside the functions that build or fetch; they import only `errors`.
 TOOLING = ("dga_compile._cxx", "dga_compile._tools")
 
-#: Imports that break the layers today, in other teams' areas, each with the layer rule it breaks.
-#: Remove an entry when its import is gone (`test_known_violations_still_exist` says so).
-KNOWN_VIOLATIONS = {
-    ("dga_compile.eval.fetch", "dga_compile._tools"): "tooling imported at module level",
-    ("dga_compile.onnx.native", "dga_compile._cxx"): "tooling imported at module level",
-    ("dga_compile.onnx.native", "dga_compile._tools"): "tooling imported at module level",
-}
-
 
 class Import(NamedTuple):
     importer: str
@@ -147,14 +139,8 @@ def test_every_module_has_a_layer():
 
 def test_imports_go_downward():
     bad = [f"{MODULES[i.importer].relative_to(REPO)}:{i.line}: {i.importer} -> {i.target}: {why}"
-           for i in ALL_IMPORTS if (why := _violation(i)) and (i.importer, i.target) not in KNOWN_VIOLATIONS]
+           for i in ALL_IMPORTS if (why := _violation(i))]
     assert not bad, "imports against the layers (docs/ARCHITECTURE.md):\n" + "\n".join(bad)
-
-
-def test_known_violations_still_exist():
-    """An entry of `KNOWN_VIOLATIONS` whose import is gone must be removed, so the list stays true."""
-    live = {(i.importer, i.target) for i in ALL_IMPORTS if _violation(i)}
-    assert not set(KNOWN_VIOLATIONS) - live, f"fixed, remove from KNOWN_VIOLATIONS: {set(KNOWN_VIOLATIONS) - live}"
 
 
 @pytest.mark.parametrize("source, importer, target, why", [
