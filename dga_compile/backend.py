@@ -52,7 +52,7 @@ def dga_backend(gm: torch.fx.GraphModule, example_inputs: list, *, config: Optio
 
 def _validate_config(config: Any) -> Optional[DGAConfig]:
     if config is not None and not isinstance(config, DGAConfig):
-        raise TypeError(f"config must be a dga_compile.DGAConfig or None, got {type(config).__name__} ({config!r}); "
+        raise TypeError(f"config must be a DGAConfig or None, got {type(config).__name__} ({config!r}); "
                         f"use DGAConfig(focus_ratio=0.1, ...) or options={{'focus_ratio': 0.1}}")
     return config
 

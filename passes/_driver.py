@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import fx
 
+from .._validation import validate_config
 from ..config import DGAConfig
 from .. import policy
 from ..policy import RewriteReport, Site
@@ -44,7 +45,7 @@ def rewrite(program: Program, config: Optional[DGAConfig] = None) -> tuple[Progr
     Returns:
         (rewritten copy of the same kind, `RewriteReport` listing every site and near miss).
     """
-    cfg = _config(config)
+    cfg = validate_config(config)
     if isinstance(program, torch.export.ExportedProgram):
         out = copy.deepcopy(program)
         report = rewrite_graph_module(out.graph_module, cfg, _program_constants(out))
@@ -57,19 +58,10 @@ def rewrite(program: Program, config: Optional[DGAConfig] = None) -> tuple[Progr
     return out, report
 
 
-def _config(config: Any) -> DGAConfig:
-    if config is None:
-        return DGAConfig()
-    if not isinstance(config, DGAConfig):
-        raise TypeError(f"config must be a dga_compile.DGAConfig or None, got {type(config).__name__} "
-                        f"({config!r}); use DGAConfig(focus_ratio=0.1, ...)")
-    return config
-
-
 def rewrite_graph_module(gm: fx.GraphModule, cfg: DGAConfig, constants: Optional[dict] = None) -> RewriteReport:
     """`rewrite` in place (the backend's entry: Dynamo hands over a fresh graph). ``constants``
     maps placeholder names to the tensors they stand for (lifted buffers of an ExportedProgram)."""
-    cfg = _config(cfg)
+    cfg = validate_config(cfg)
     consts = dict(constants or {})
     for node in gm.graph.nodes:
         if node.op == "get_attr":

@@ -73,11 +73,11 @@ def test_backend_option_value_is_validated():
 @pytest.mark.parametrize("bad", [{}, "x", 0.1], ids=["dict", "str", "float"])
 def test_config_not_a_dgaconfig_is_a_type_error(bad, program):
     """config={} gave AttributeError deep inside; every entry point now names the type and the fix."""
-    with pytest.raises(TypeError, match="config must be a dga_compile.DGAConfig or None"):
+    with pytest.raises(TypeError, match="config must be a DGAConfig or None"):
         dga_compile.backend(bad)
-    with pytest.raises(TypeError, match="config must be a dga_compile.DGAConfig or None"):
+    with pytest.raises(TypeError, match="config must be a DGAConfig or None"):
         dga_compile.compile(torch.nn.Identity(), bad)
-    with pytest.raises(TypeError, match="config must be a dga_compile.DGAConfig or None"):
+    with pytest.raises(TypeError, match="config must be a DGAConfig or None"):
         rewrite(program, bad)
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validation import validate_config
 from ..api import dynamic_group_attention
 from ..cache import CACHE_LAYER_KEY
 from ..config import DGAConfig
@@ -51,9 +52,7 @@ def register(config: Optional[DGAConfig] = None, name: str = "dga") -> str:
     Registering again under the same name replaces the config (models look the function up
     by name at every forward) and clears `last_report`.
     """
-    cfg = DGAConfig() if config is None else config
-    if not isinstance(cfg, DGAConfig):
-        raise TypeError(f"config must be a DGAConfig or None, got {type(cfg).__name__}; use DGAConfig(...)")
+    cfg = validate_config(config)
     return register_attention(name, dga_attend(cfg), config=cfg)
 
 
