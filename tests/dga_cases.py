@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dga_compile import DGAConfig, _extension, dynamic_group_attention, reference_attention
-from dga_compile.blocked import blocked_attention
+from dga_compile.blocked import BLOCK_SIZE, blocked_attention
 
 #: Mask spellings a model passes to SDPA (see `make_mask`).
 MASK_KINDS = ("none", "pad_right", "pad_left", "bool", "additive_inf", "additive_finfo", "causal_mask")
@@ -106,3 +106,23 @@ def paths_for(dtype: torch.dtype) -> dict[str, Callable]:
 def max_err(a: Tensor, b: Tensor) -> float:
     """max |a − b| in float64."""
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+#: Blocked's error vs a float64 golden may be at most this many times the reference's error at
+#: the same dtype, plus a floor for outputs whose rounding error is ~0.
+GOLDEN_FACTOR = 2.0
+GOLDEN_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def check_blocked(q, k, v, attn_mask, causal, cfg, block_size=BLOCK_SIZE, scale=None) -> Tensor:
+    """blocked == reference at q's dtype; below float64 also: blocked is within GOLDEN_FACTOR×
+    of the reference's own error against the reference on float64-upcast inputs. Returns blocked's output."""
+    got = blocked_attention(q, k, v, attn_mask, causal, scale, cfg, block_size=block_size)
+    want = reference_attention(q, k, v, attn_mask, causal, scale, cfg)
+    assert got.dtype == q.dtype and got.shape == want.shape and not got.isnan().any()
+    torch.testing.assert_close(got, want, **TOL[q.dtype])
+    if q.dtype != torch.float64:
+        up = lambda x: None if x is None or x.dtype == torch.bool else x.double()
+        golden = reference_attention(*(x.double() for x in (q, k, v)), up(attn_mask), causal, scale, cfg)
+        assert max_err(got, golden) <= GOLDEN_FACTOR * max_err(want, golden) + GOLDEN_FLOOR[q.dtype]
+    return got
