@@ -25,6 +25,8 @@ TOL = {
 
 #: A small-N config under which DGA really groups, windows and probes (min_seq_len=0).
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, group_bias=1.0, min_seq_len=0)
+#: SMALL with sinks and step 5′ on (blocks of 16 query rows, a τ that expands some groups of most rows).
+EXPAND = SMALL.replace(sinks=2, expand_mass=0.7, query_block=16, group_bias=0.25)
 
 
 def qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, dtype=torch.float64, seed: int = 0,

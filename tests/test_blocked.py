@@ -5,18 +5,26 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dga_cases import MASK_KINDS, SMALL, TOL, check_blocked, make_mask, max_err, qkv, sdpa_golden
-from dga_compile import DGAConfig
+from dga_cases import EXPAND, MASK_KINDS, SMALL, TOL, check_blocked, make_mask, max_err, qkv, sdpa_golden
+from dga_compile import DGAConfig, reference_attention
 from dga_compile.blocked import BLOCK_SIZE, blocked_attention
 
 
 @pytest.mark.parametrize("mask", MASK_KINDS)
 @pytest.mark.parametrize("heads", [(4, 1), (2, 2)], ids=["H4-KV1", "H2-KV2"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_masks_B3_N300_D16(causal, heads, mask):
+@pytest.mark.parametrize("cfg", [SMALL, EXPAND], ids=["paper", "expand"])
+def test_masks_B3_N300_D16(cfg, causal, heads, mask):
+    """Also with sinks and step 5′ (`dga_cases.EXPAND`), where DGA differs from both dense
+    attention and the paper's DGA."""
     Hq, Hkv = heads
     q, k, v = qkv(3, Hq, Hkv, 300, 300, 16, seed=1)
-    check_blocked(q, k, v, make_mask(mask, 3, Hq, 300, 300, seed=1), causal, SMALL, block_size=64)
+    attn_mask = make_mask(mask, 3, Hq, 300, 300, seed=1)
+    got = check_blocked(q, k, v, attn_mask, causal, cfg, block_size=64)
+    assert max_err(got, sdpa_golden(q, k, v, attn_mask, causal)) > 1e-3
+    if cfg.expand_mass:
+        paper = reference_attention(q, k, v, attn_mask, causal, None, cfg.replace(expand_mass=0.0))
+        assert max_err(got, paper) > 1e-3
 
 
 _SIZES = [  # (B, Hq, Hkv, N, D, Dv, block_size)
