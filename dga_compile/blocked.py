@@ -15,7 +15,7 @@ call of the op is decided in `dga_compile.dispatch`, not here.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from .reference import dense_attention, softmax_rows
 from .selection import (Selection, aggregate_groups, block_expansion, focus_split, gather_rows, group_mass, select,
                         working_dtype)
 
-__all__ = ["blocked_attention", "BLOCK_SIZE"]
+__all__ = ["blocked_attention", "expanded_counts", "BLOCK_SIZE"]
 
 #: Query rows per block. Larger blocks amortise per-call overhead but widen the raw slice.
 BLOCK_SIZE = 256
@@ -149,56 +149,129 @@ def _attend_block(qb: Tensor, sel: Selection, c: _Candidates, group_logit: float
 
 
 class _Block(NamedTuple):
-    """What step 5′ needs of one query block besides its candidates: the keys and values a dense
-    (block, head) attends to, k/v [B, Hkv, n, D], and their visibility, bool broadcastable to
-    [B, Hkv, rep, b, n] (None: all visible)."""
+    """One query block [i0, i1): its candidates, and what a dense (block, head) of step 5′ attends
+    to: k/v [B, Hkv, n, D] and their visibility, bool broadcastable to [B, Hq, b, n] (None: all
+    visible)."""
 
+    i0: int
+    i1: int
+    cand: _Candidates
     k: Tensor
     v: Tensor
     vis: Optional[Tensor]
 
 
-def _expanding_block(qb: Tensor, sel: Selection, c: _Candidates, blk: _Block, cfg: DGAConfig,
-                     dropout_p: float, scale: float) -> Tensor:
-    """Steps 5′ and 5 for one query block of ``cfg.query_block`` rows: qb [B, Hkv, rep, b, D] ->
-    [B, Hkv, rep, b, Dv]. The estimate reuses step 5's logits (βe on the group columns); the
-    members of the expanded groups are gathered from the non-focus order (each group one run of
-    m); a dense (block, head) attends to every visible key. The choice of E has no gradient."""
+class _Expansion(NamedTuple):
+    """Step 5′ of one block: step 5's logits ``dots`` [B, Hkv, rep, b, L] over the gathered
+    candidates (keys, values, ``ok``), ``is_group`` [L] (1.0 on group columns), the groups
+    ``complete`` for each row [B, Hkv, rep, b, G'], E ``expand`` [B, Hkv, rep, G'] (empty where
+    dense) and ``dense`` [B, Hkv, rep]."""
+
+    dots: Tensor
+    keys: Tensor
+    values: Tensor
+    ok: Tensor
+    is_group: Tensor
+    complete: Tensor
+    expand: Tensor
+    dense: Tensor
+
+
+def _expansion(qb: Tensor, sel: Selection, c: _Candidates, cfg: DGAConfig, scale: float) -> _Expansion:
+    """Step 5′'s choice for one block of ``cfg.query_block`` rows, qb [B, Hkv, rep, b, D]: the
+    estimate reuses step 5's logits (βe on the group columns); no gradient flows through E."""
     B, Hkv, rep, b, D = qb.shape
-    m, log_m = cfg.group_size, math.log(cfg.group_size)
     n_f, n_g = c.n_focus, c.n_group
     keys, values, ok = _gathered(sel, c, rep)
-    dots = scale * qb @ keys.transpose(-1, -2)                                        # [B, Hkv, rep, b, L]
-    is_group = torch.zeros(ok.shape[-1], dtype=dots.dtype, device=qb.device)            # 1 on group columns
+    dots = scale * qb @ keys.transpose(-1, -2)
+    is_group = torch.zeros(ok.shape[-1], dtype=dots.dtype, device=qb.device)
     is_group[n_f:n_f + n_g] = 1.0
     complete = c.group_ok.expand(B, Hkv, rep, b, n_g)
     with torch.no_grad():
-        estimate = torch.where(ok, dots + is_group * (cfg.expand_bias * log_m), float("-inf"))
-        expand, dense = block_expansion(group_mass(estimate, n_f, n_g), complete, cfg)   # [B, Hkv, rep, n_g]
-        expand &= ~dense[..., None]
-        union = expand.any(2)                                                          # [B, Hkv, n_g]
+        estimate = torch.where(ok, dots + is_group * (cfg.expand_bias * math.log(cfg.group_size)), float("-inf"))
+        expand, dense = block_expansion(group_mass(estimate, n_f, n_g), complete, cfg)
+    return _Expansion(dots, keys, values, ok, is_group, complete, expand & ~dense[..., None], dense)
+
+
+def _expanding_block(qb: Tensor, sel: Selection, blk: _Block, cfg: DGAConfig, dropout_p: float,
+                     scale: float) -> Tensor:
+    """Steps 5′ and 5 for one query block: qb [B, Hkv, rep, b, D] -> [B, Hkv, rep, b, Dv]. The
+    members of the expanded groups are gathered from the non-focus order (each group one run of
+    m); a dense (block, head) attends to every visible key."""
+    B, Hkv, rep, b, D = qb.shape
+    m, log_m = cfg.group_size, math.log(cfg.group_size)
+    n_f, n_g = blk.cand.n_focus, blk.cand.n_group
+    x = _expansion(qb, sel, blk.cand, cfg, scale)
+    with torch.no_grad():
+        union = x.expand.any(2)                                                        # [B, Hkv, n_g]
         n_e = int(union.sum(-1).max()) if n_g else 0
-        groups = (~union).to(torch.uint8).argsort(dim=-1, stable=True)[..., :n_e]          # expanded first
+        groups = (~union).to(torch.uint8).argsort(dim=-1, stable=True)[..., :n_e]    # expanded first
         per_q = groups[:, :, None, :].expand(-1, -1, rep, -1)
-        member_ok = (expand.gather(-1, per_q)[..., None, :] & complete.gather(-1, per_q[..., None, :].expand(
+        member_ok = (x.expand.gather(-1, per_q)[..., None, :] & x.complete.gather(-1, per_q[..., None, :].expand(
             -1, -1, -1, b, -1))).repeat_interleave(m, -1)                              # [B, Hkv, rep, b, n_e·m]
         members = (groups[..., None] * m + torch.arange(m, device=qb.device)).flatten(-2)   # non-focus order
-        merged = ok.clone()
-        merged[..., n_f:n_f + n_g] &= ~expand[..., None, :]
+        merged = x.ok.clone()
+        merged[..., n_f:n_f + n_g] &= ~x.expand[..., None, :]
     km, vm = gather_rows(sel.kn, members), gather_rows(sel.vn, members)
-    logits = torch.cat([torch.where(merged, dots + is_group * (cfg.group_bias * log_m), float("-inf")),
+    logits = torch.cat([torch.where(merged, x.dots + x.is_group * (cfg.group_bias * log_m), float("-inf")),
                         torch.where(member_ok, scale * qb @ _per_q(km, rep).transpose(-1, -2), float("-inf"))], -1)
     probs = _dropout(softmax_rows(logits), dropout_p)
-    L = keys.shape[3]
-    out = probs[..., :L] @ values + probs[..., L:] @ _per_q(vm, rep)
-    if not bool(dense.any()):
+    L = x.keys.shape[3]
+    out = probs[..., :L] @ x.values + probs[..., L:] @ _per_q(vm, rep)
+    if not bool(x.dense.any()):
         return out
-    at = dense.nonzero(as_tuple=True)                                                  # (batch, kv head, rep)
+    at = x.dense.nonzero(as_tuple=True)                                                # (batch, kv head, rep)
     dense_logits = scale * qb[at] @ blk.k[at[:2]].transpose(-1, -2)                    # [n_dense, b, n]
     if blk.vis is not None:
-        vis = blk.vis.expand(B, Hkv, rep, b, blk.k.shape[2])[at]
+        vis = blk.vis.expand(B, Hkv * rep, b, blk.k.shape[2]).reshape(B, Hkv, rep, b, -1)[at]
         dense_logits = dense_logits.masked_fill(~vis, float("-inf"))
     return out.index_put(at, _dropout(softmax_rows(dense_logits), dropout_p) @ blk.v[at[:2]])
+
+
+def _blocks(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, sel: Selection,
+            cfg: DGAConfig, block_size: int) -> Iterator[_Block]:
+    """The query blocks of step 5 (``block_size`` rows; step 5′'s ``cfg.query_block`` when τ > 0),
+    each with its candidates. ``mask`` from `_validation.mask_4d`."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    window = is_causal or causal_like(mask, False)
+    block_size = cfg.query_block if cfg.expand_mass > 0 else block_size
+    for i0 in range(0, Nq, block_size):
+        i1 = min(i0 + block_size, Nq)
+        if mask is None:
+            cand = _candidates_unmasked(sel, i0, i1, is_causal, cfg)
+            if is_causal:
+                yield _Block(i0, i1, cand, k[:, :, :i1], v[:, :, :i1],
+                             torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril(i0))
+            else:
+                yield _Block(i0, i1, cand, k, v, None)
+        else:
+            vis = visible_rows(mask, is_causal, i0, i1, Nk, q.device)
+            cand = _candidates_masked(sel, vis, i0, i1, is_causal, window, cfg)
+            yield _Block(i0, i1, cand, k, v, vis)
+
+
+def expanded_counts(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                    scale: Optional[float], config: DGAConfig) -> Tensor:
+    """e_i of docs/dga.md, "Cost": for each query, how many of its complete groups step 5′ expands
+    (all of them in a dense (block, head)), as `blocked_attention` decides it. Shapes as
+    `reference_attention` -> [B, Hq, Nq] int64 (0 when τ = 0 or DGA does not apply)."""
+    cfg = validate_config(config)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, Hq, Nq, D = q.shape
+    counts = torch.zeros(B, Hq, Nq, dtype=torch.long, device=q.device)
+    if cfg.expand_mass == 0 or not dga_applies(Nq, k.shape[2], cfg.min_seq_len):
+        return counts
+    wd = working_dtype(q.dtype)
+    q, k, v = q.to(wd), k.to(wd), v.to(wd)
+    mask = mask_4d(attn_mask)
+    with torch.no_grad():
+        sel = select(q, k, v, mask, is_causal, scale, cfg)
+        qv = q.view(B, k.shape[1], Hq // k.shape[1], Nq, D)
+        for blk in _blocks(q, k, v, mask, is_causal, sel, cfg, cfg.query_block):
+            x = _expansion(qv[:, :, :, blk.i0:blk.i1], sel, blk.cand, cfg, scale)
+            chosen = x.complete & (x.expand[..., None, :] | x.dense[..., None, None])
+            counts[:, :, blk.i0:blk.i1] = chosen.sum(-1).view(B, Hq, -1)
+    return counts
 
 
 def _dropout(probs: Tensor, p: float) -> Tensor:
@@ -231,29 +304,11 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
                              group_logit, block_size)
         return out.to(out_dtype)
     mask = mask_4d(attn_mask)
-    window = is_causal or causal_like(mask, False)
     sel = select(q, k, v, mask, is_causal, scale, cfg)
-    rep = Hq // Hkv
-    qv = q.view(B, Hkv, rep, Nq, D)
-    expanding = cfg.expand_mass > 0
-    block_size = cfg.query_block if expanding else block_size
+    qv = q.view(B, Hkv, Hq // Hkv, Nq, D)
     outs = []
-    for i0 in range(0, Nq, block_size):
-        i1 = min(i0 + block_size, Nq)
-        if mask is None:
-            cand = _candidates_unmasked(sel, i0, i1, is_causal, cfg)
-        else:
-            vis = visible_rows(mask, is_causal, i0, i1, Nk, q.device)
-            cand = _candidates_masked(sel, vis, i0, i1, is_causal, window, cfg)
-        if not expanding:
-            outs.append(_attend_block(qv[:, :, :, i0:i1], sel, cand, group_logit, dropout_p, scale))
-            continue
-        if mask is not None:
-            blk = _Block(k, v, vis.expand(B, Hq, i1 - i0, Nk).reshape(B, Hkv, rep, i1 - i0, Nk))
-        elif is_causal:
-            blk = _Block(k[:, :, :i1], v[:, :, :i1], torch.ones(i1 - i0, i1, dtype=torch.bool,
-                                                                device=q.device).tril(i0))
-        else:
-            blk = _Block(k, v, None)
-        outs.append(_expanding_block(qv[:, :, :, i0:i1], sel, cand, blk, cfg, dropout_p, scale))
+    for blk in _blocks(q, k, v, mask, is_causal, sel, cfg, block_size):
+        qb = qv[:, :, :, blk.i0:blk.i1]
+        outs.append(_expanding_block(qb, sel, blk, cfg, dropout_p, scale) if cfg.expand_mass > 0 else
+                    _attend_block(qb, sel, blk.cand, group_logit, dropout_p, scale))
     return torch.cat(outs, 3).view(B, Hq, Nq, -1).to(out_dtype)
