@@ -77,20 +77,6 @@ def test_export_in_training_mode_names_the_cause_and_the_fix(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("change,message", [
-    pytest.param(dict(sinks=4), r"DGAConfig\.sinks=4.*config\.replace\(sinks=0\)", id="sinks4"),
-    pytest.param(dict(expand_mass=0.9), r"DGAConfig\.expand_mass=0\.9.*config\.replace\(expand_mass=0\.0\)",
-                 id="tau0.9"),
-])
-def test_export_refuses_what_the_function_body_does_not_compute(tmp_path, change, message):
-    """Until the function body computes a field, export refuses it (never a model that silently differs)."""
-    torch.manual_seed(0)
-    program = prepare(TinyLlama(CONFIG.replace(**change), layers=1).eval(), llama_inputs(2, 24))[0]
-    with pytest.raises(NotImplementedError, match=message):
-        dga_onnx.export(program, (), tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
-
-
 def test_export_hf_model_with_default_config_drops_the_kv_cache(tmp_path, caplog):
     """Regression: a default LlamaForCausalLM (use_cache=True) failed with "Found DynamicCache in
     output" from deep inside torch; it exports without the cache, and says so."""
@@ -138,6 +124,8 @@ def _run(impl, q, k, v, mask, cfg):
         return run_op(op_session(model), q, k, v, mask)
     if "CUDAExecutionProvider" not in ort.get_available_providers() or native.library_path() is None:
         pytest.skip("needs onnxruntime-gpu and the native library built with nvcc")
+    if cfg.sinks or cfg.expand_mass:
+        pytest.skip("the CUDA kernel computes no sinks and no step 5′ yet (it says NYI: csrc/ort/dga_op.cc)")
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(native.library_path()))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
@@ -146,7 +134,8 @@ def _run(impl, q, k, v, mask, cfg):
 
 IMPLS = [pytest.param("function", id="function-body"),
          pytest.param("cuda", id="native-cuda", marks=pytest.mark.gpu)]
-CONFIGS = [pytest.param(CONFIG, id="dga"), pytest.param(CONFIG.replace(min_seq_len=1000), id="dense")]
+CONFIGS = [pytest.param(CONFIG, id="dga"), pytest.param(CONFIG.replace(min_seq_len=1000), id="dense"),
+           pytest.param(CONFIG.replace(sinks=4, expand_mass=0.9, query_block=24), id="sinks-expand")]
 
 
 def _sees(mask, i, j):

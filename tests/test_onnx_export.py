@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 
 import onnx
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper
 
 import dga_compile.onnx as dga_onnx
 from dga_compile import DGAConfig, reference_attention
+from dga_compile.blocked import expanded_counts
 from dga_compile.config import OP_FIELDS
 from dga_compile.onnx._function import function_proto
 from dga_compile.onnx._schema import ATTRIBUTES, node_attributes, register_schema
@@ -81,6 +83,80 @@ def test_edge_configs_match_reference(change, kind):
     q, k, v = qkv(1, 2, 1, 53, 53)
     mask = _mask(kind, 1, 2, 53)
     out = run_op(op_session(op_model(cfg, True, 0.3)), q, k, v, mask)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------- sinks and step 5′
+
+def _expanding(tau: float, sinks: int, gamma: float, expand_max: float) -> DGAConfig:
+    """CONFIG with sinks and step 5′; b = 24 divides none of the test lengths (63, 65, 130)."""
+    return CONFIG.replace(expand_mass=tau, sinks=sinks, focus_ratio=gamma, expand_max=expand_max, query_block=24)
+
+
+#: `make test` runs these (each value of each field at least once, sinks alone too); the rest are slow.
+FAST_EXPANSIONS = {(0.0, 4, 0.1, 1.0), (0.0, 4, 0.0, 1.0), (0.5, 4, 0.1, 1.0), (0.9, 0, 0.0, 0.3), (0.9, 4, 0.0, 1.0)}
+EXPANSIONS = [pytest.param(*x, id=f"tau{x[0]}-s{x[1]}-gamma{x[2]}-max{x[3]}",
+                           marks=() if x in FAST_EXPANSIONS else pytest.mark.slow)
+              for x in [(0.0, 4, 0.1, 1.0), (0.0, 4, 0.0, 1.0)] + list(itertools.product(
+                  (0.5, 0.9), (0, 4), (0.0, 0.1), (1.0, 0.3)))]
+EXPANSION_SHAPES = [  # (Hq, Hkv, N, mask kind): both paths of the body (positional, mask-reading), GQA
+    (4, 2, 63, "none"), (2, 2, 65, "pad"), (4, 2, 130, "tril-pad"), (3, 3, 65, "random"), (2, 1, 63, "band")]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("tau,sinks,gamma,expand_max", EXPANSIONS)
+def test_sinks_and_expansion_match_reference(tau, sinks, gamma, expand_max, causal):
+    """One model (dynamic shapes) at five shapes and masks vs the reference."""
+    cfg = _expanding(tau, sinks, gamma, expand_max)
+    sess = op_session(op_model(cfg, causal, 0.3))
+    for hq, hkv, n, kind in EXPANSION_SHAPES:
+        q, k, v = qkv(2, hq, hkv, n, n, seed=n)
+        mask = _mask(kind, 2, hq, n)
+        ref = reference_attention(q, k, v, mask, causal, 0.3, cfg)
+        torch.testing.assert_close(run_op(sess, q, k, v, mask), ref, atol=ATOL, rtol=RTOL, msg=f"{hq=} {hkv=} {n=} {kind}")
+
+
+def test_expansion_cases_expand_and_go_dense():
+    """The configs above really use sinks, expand groups and (expand_max = 0.3) make (block, head)s
+    dense, so that their comparisons could fail."""
+    q, k, v = qkv(2, 4, 2, 130, 130, seed=130)
+    mask = _mask("tril-pad", 2, 4, 130)
+    counts = {em: expanded_counts(q, k, v, mask, True, 0.3, _expanding(0.9, 4, 0.1, em)) for em in (1.0, 0.3)}
+    assert counts[1.0].sum() > 0 and (counts[0.3] > counts[1.0]).any()
+    sinks, plain = (reference_attention(q, k, v, mask, True, 0.3, _expanding(0.0, s, 0.0, 1.0)) for s in (4, 0))
+    assert (sinks - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(dict(group_size=64), id="m64-no-complete-group"),
+    pytest.param(dict(query_block=1), id="b1"),
+    pytest.param(dict(query_block=2**63 - 1), id="b-int64-max"),
+    pytest.param(dict(sinks=1000, focus_ratio=0.0), id="sinks-over-N"),
+    pytest.param(dict(group_size=1), id="m1"),
+    pytest.param(dict(window=0, expand_bias=0.0), id="w0-betae0"),
+])
+@pytest.mark.parametrize("kind", ["none", pytest.param("band", marks=pytest.mark.slow)], ids=["positional", "mask-reading"])
+def test_expansion_edge_configs_match_reference(change, kind):
+    cfg = _expanding(0.9, 4, 0.1, 1.0).replace(**change)
+    q, k, v = qkv(1, 2, 1, 53, 53)
+    mask = _mask(kind, 1, 2, 53)
+    out = run_op(op_session(op_model(cfg, True, 0.3)), q, k, v, mask)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+@pytest.mark.parametrize("kind", ["none", pytest.param("band", marks=pytest.mark.slow)],
+                         ids=["B2-H4-Hkv2-N130", "B2-H4-Hkv2-N130-band"])
+def test_expansion_every_optimization_level(kind, shapes, level, tmp_path):
+    """Sinks and step 5′ with static and dynamic shapes at each ORT optimisation level (issue #13), in a child process."""
+    cfg = _expanding(0.9, 4, 0.1, 0.3)
+    q, k, v = qkv(2, 4, 2, 130, 130, seed=3)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool) if kind == "none" else _mask(kind, 2, 4, 130)
+    path = tmp_path / "model.onnx"
+    static = [list(q.shape), list(k.shape), list(v.shape), list(mask.shape)] if shapes == "static" else None
+    onnx.save(op_model(cfg, True, 0.3, shapes=static), path)
+    out = torch.from_numpy(run_isolated(path, level, op_feeds(q, k, v, mask), tmp_path))
     torch.testing.assert_close(out, reference_attention(q, k, v, mask, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
 
 
@@ -198,8 +274,9 @@ def test_attribute_defaults_are_dgaconfig_defaults():
     schema = onnx.defs.get_schema(dga_onnx.OP_TYPE, dga_onnx.DOMAIN_VERSION, dga_onnx.DOMAIN)
     fn = function_proto(dga_onnx.OPSET)
     fn_defaults = {a.name: helper.get_attribute_value(a) for a in fn.attribute_proto}
-    assert [a.name for a in ATTRIBUTES] == [f for f in OP_FIELDS if f != "impl"] + ["is_causal", "scale"]
-    for name in OP_FIELDS[:-1]:
+    numeric = [f for f in OP_FIELDS if f != "impl"]
+    assert [a.name for a in ATTRIBUTES] == numeric + ["is_causal", "scale"]
+    for name in numeric:
         assert fn_defaults[name] == pytest.approx(fields[name], rel=1e-7), name
         assert helper.get_attribute_value(schema.attributes[name].default_value) == pytest.approx(fields[name], rel=1e-7)
     assert fn_defaults["is_causal"] == 0 and list(fn.attribute) == ["scale"] and schema.attributes["scale"].required
@@ -309,6 +386,19 @@ def test_native_op_matches_reference():
         q, k, v = qkv(2, 4, 2, n, n)
         torch.testing.assert_close(run_op(sess, q, k, v, None), reference_attention(q, k, v, None, True, 0.3, CONFIG),
                                    atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", ["llama", pytest.param("bert", marks=pytest.mark.slow)])
+def test_exported_model_with_sinks_and_expansion_matches_reference(name, tmp_path):
+    """A model whose sites use sinks and step 5′ exports (dynamic shapes) and computes the
+    reference by the function body and by the native op (when built)."""
+    torch.manual_seed(0)
+    model, inputs = {"llama": (TinyLlama, llama_inputs), "bert": (TinyBert, bert_inputs)}[name]
+    model = model(_expanding(0.9, 4, 0.1, 0.3)).eval()
+    path = dga_onnx.export(model, inputs(2, 24), tmp_path / "m.onnx")
+    native = [False] + ([True] if dga_onnx.native_library() is not None else [])
+    for sess in (dga_onnx.session(path, native=n) for n in native):
+        _compare_model(model, sess, inputs, 70)
 
 
 def _incompatible(_options):

@@ -5,8 +5,12 @@ Written with onnxscript's graph builder (``op.MatMul(a, b)`` returns a typed `on
 one function per step of `dga_compile.reference` / `dga_compile.blocked`: steps 1–4 once
 (`_importance_scores`, `_split_focus`, `_aggregate_groups`), then a ``Loop`` over query blocks of
 `BLOCK_SIZE` rows whose candidate keys are the visible focus prefix, the complete-group prefix and
-the raw non-focus tokens the block needs, with one softmax per block (`_attend_block`). No Nq×Nk
-float matrix is built on the DGA path. An ``If`` takes exact dense attention when Nq ≠ Nk or
+the raw non-focus tokens the block needs, with one softmax per block (`_attend_block`). With step
+5′ (``expand_mass`` > 0) the Loop's blocks are the spec's ``query_block`` rows and an ``If`` in its
+body takes `_expanding_block` (the estimate from the same logits, the τ-sets by TopK and a reverse
+CumSum, the expanded groups' members as raw keys, a dense (block, head) over the block's Visible
+rows). The sinks enter step 2; with ceil(γ·N) = 0 an ``If`` skips step 1. No Nq×Nk float matrix
+is built on the DGA path. An ``If`` takes exact dense attention when Nq ≠ Nk or
 Nk < max(min_seq_len, 1). Computes in float32 (float64 inputs too); output in q's dtype.
 Non-finite inputs propagate as in SDPA: a row that sees a NaN logit or value is NaN; a row that
 sees no key is 0.
@@ -183,16 +187,18 @@ def _importance_scores(op, c: _Call) -> V:
     return op.ReduceSum(op.Where(op.IsNaN(probs), 0.0, probs), [2, 3], keepdims=0)       # nan_to_num, as the reference
 
 
-def _num_focus(op, N: V) -> V:
-    """n_f = ceil(γ·N) from the float32 γ, lowered by a relative 2⁻²³ so that γ·N landing on an
-    integer is not pushed up (`reference.num_focus`)."""
+def _num_scored(op, N: V) -> V:
+    """ceil(γ·N) from the float32 γ, lowered by a relative 2⁻²³ so that γ·N landing on an
+    integer is not pushed up (`selection.num_focus` without the sinks)."""
     real = op.Mul(op.Mul(_attribute(op, "focus_ratio"), op.Cast(N, to=_F32)), 1 - 2.0**-23)
     return op.Min(op.Cast(op.Ceil(real), to=_I64), N)
 
 
-def _split_focus(op, scores: V, n_f: V, N: V) -> tuple[V, V]:
-    """Step 2 (`reference.split_focus`): focus [B, Hkv, n_f] and non-focus [B, Hkv, N − n_f]
-    positions, each increasing; ties go to the smaller position."""
+def _split_focus(op, c: _Call, scores: V, n_f: V, N: V) -> tuple[V, V]:
+    """Step 2 (`selection.split_focus`): the sinks (positions < ``sinks``) and the highest-scoring
+    others, n_f in all: focus [B, Hkv, n_f] and non-focus [B, Hkv, N − n_f] positions, each
+    increasing; ties go to the smaller position."""
+    scores = op.Where(op.Less(c.jk, _attribute(op, "sinks")), float("inf"), scores)
     kth = op.Max(n_f, 1)
     top = op.TopK(scores, _vec(op, kth), axis=-1, _outputs=2)[0]
     t = _slice(op, top, op.Sub(kth, 1), kth, 2)                                           # [B, Hkv, 1]
@@ -245,7 +251,12 @@ class _Selection(NamedTuple):
 
 def _select(op, c: _Call) -> _Selection:
     N, m = c.Nk, _attribute(op, "group_size")
-    focus, nonfocus = _split_focus(op, _importance_scores(op, c), _num_focus(op, N), N)
+    n_scored = _num_scored(op, N)
+    # ceil(γ·N) = 0: no key is chosen by score, step 1 is skipped (the focus set is the sinks).
+    scores = _if(op, op.Equal(n_scored, 0), lambda op: op.Expand(0.0, _vec(op, c.B, c.Hkv, N)),
+                 lambda op: _importance_scores(op, c), "scores")
+    n_f = op.Min(op.Add(n_scored, op.Min(_attribute(op, "sinks"), N)), N)
+    focus, nonfocus = _split_focus(op, c, scores, n_f, N)
     Nn = _dim(op, nonfocus, 2)
     G = op.Div(Nn, m)
     groups = _aggregate_groups(op, c, _slice(op, nonfocus, 0, op.Mul(G, m), 2), G, m)
@@ -366,9 +377,10 @@ def _masked_candidates(op, c: _Call, sel: _Selection, i0: V, i1: V) -> _Candidat
     return _Candidates(n_f, focus_ok, n_g, _slice(op, complete, 0, n_g, 4), raw_idx, n_r, raw_ok)
 
 
-def _attend_block(op, c: _Call, sel: _Selection, cand: _Candidates, i0: V, i1: V) -> V:
-    """`blocked._attend_block`: the block's rows [B, Hkv, rep, b, Dv] over its candidates, one softmax."""
-    B, Hkv, rep, b = c.B, c.Hkv, c.rep, op.Sub(i1, i0)
+def _gathered(op, c: _Call, sel: _Selection, cand: _Candidates, b: V) -> tuple[V, V, V, V, V]:
+    """The block's candidate keys and values [B, Hkv, rep, L, D] (focus prefix, group prefix, raw
+    keys; L = n_f + n_g + n_r) and the focus, group and raw permissions [B, Hkv, rep, b, n_*]."""
+    B, Hkv, rep = c.B, c.Hkv, c.rep
     per_q = lambda x, n, e: op.Expand(op.Unsqueeze(x, [2]), _vec(op, B, Hkv, rep, n, e))  # kv head -> q heads
     raw_pos = op.GatherElements(sel.nonfocus, cand.raw_idx, axis=-1)
     keys = op.Concat(per_q(_slice(op, sel.kf, 0, cand.n_f, 2), cand.n_f, c.D), _slice(op, sel.kbar, 0, cand.n_g, 3),
@@ -376,23 +388,89 @@ def _attend_block(op, c: _Call, sel: _Selection, cand: _Candidates, i0: V, i1: V
     values = op.Concat(per_q(_slice(op, sel.vf, 0, cand.n_f, 2), cand.n_f, c.Dv), _slice(op, sel.vbar, 0, cand.n_g, 3),
                        per_q(_rows(op, c.v, raw_pos), cand.n_r, c.Dv), axis=3)
     full = lambda x, n: op.Expand(x, _vec(op, B, Hkv, rep, b, n))
-    ok = op.Concat(full(cand.focus_ok, cand.n_f), full(cand.group_ok, cand.n_g), full(cand.raw_ok, cand.n_r), axis=4)
-    bias = op.Concat(op.Expand(0.0, _vec(op, cand.n_f)), op.Expand(sel.group_logit, _vec(op, cand.n_g)),
+    return (keys, values, full(cand.focus_ok, cand.n_f), full(cand.group_ok, cand.n_g),
+            full(cand.raw_ok, cand.n_r))
+
+
+def _group_bias(op, cand: _Candidates, group_logit: V) -> V:
+    """[L]: ``group_logit`` on the group columns of `_gathered`'s keys, 0 elsewhere."""
+    return op.Concat(op.Expand(0.0, _vec(op, cand.n_f)), op.Expand(group_logit, _vec(op, cand.n_g)),
                      op.Expand(0.0, _vec(op, cand.n_r)), axis=0)
-    return _attend(op, ok, op.Add(_logits(op, c, _slice(op, c.qv, i0, i1, 3), keys), bias), values)
 
 
-def _for_each_block(op, c: _Call, block: Callable[..., V]) -> V:
+def _attend_block(op, c: _Call, sel: _Selection, cand: _Candidates, i0: V, i1: V) -> V:
+    """`blocked._attend_block`: the block's rows [B, Hkv, rep, b, Dv] over its candidates, one softmax."""
+    keys, values, focus_ok, group_ok, raw_ok = _gathered(op, c, sel, cand, op.Sub(i1, i0))
+    logits = op.Add(_logits(op, c, _slice(op, c.qv, i0, i1, 3), keys), _group_bias(op, cand, sel.group_logit))
+    return _attend(op, op.Concat(focus_ok, group_ok, raw_ok, axis=4), logits, values)
+
+
+def _block_expansion(op, mass: V, complete: V) -> tuple[V, V]:
+    """Step 5′'s choice (`selection.tau_sets`, `selection.block_expansion`): mass and complete
+    [B, Hkv, rep, b, n_g] -> (E [B, Hkv, rep, n_g], empty where dense; dense [B, Hkv, rep]).
+
+    The ceiling |E| > expand_max·c compares with the float32 expand_max raised by a relative
+    2⁻²² (as `_num_scored` lowers γ·N), so that a decimal such as 0.7 stored below its value
+    does not turn c·0.7 = 7 into 6.9999995."""
+    top, rank = op.TopK(mass, _vec(op, _dim(op, mass, 4)), axis=-1, largest=1, sorted=1, _outputs=2)
+    left = op.CumSum(top, -1, reverse=1)                             # mass of this group and those ranked after it
+    in_rows = op.Cast(op.Greater(left, op.Sub(1.0, _attribute(op, "expand_mass"))), to=_I64)
+    zeros = op.ConstantOfShape(op.Shape(mass), value=ir.tensor([0], dtype=_I64))
+    expand = _any(op, op.Cast(op.ScatterElements(zeros, rank, in_rows, axis=-1), to=_BOOL), [3])
+    last_row = _count(op, _slice(op, complete, op.Sub(_dim(op, complete, 3), 1), _dim(op, complete, 3), 3), [3, 4])
+    ceiling = op.Mul(op.Mul(_attribute(op, "expand_max"), op.Cast(last_row, to=_F32)), 1 + 2.0**-22)
+    dense = op.Greater(op.Cast(_count(op, expand, [-1]), to=_F32), ceiling)
+    return op.And(expand, op.Not(op.Unsqueeze(dense, [-1]))), dense
+
+
+def _expanding_block(op, c: _Call, sel: _Selection, cand: _Candidates, i0: V, i1: V) -> V:
+    """Steps 5′ and 5 for one block of ``query_block`` rows (`blocked._expanding_block`): rows
+    [B, Hkv, rep, b, Dv]. The estimate reuses step 5's logits with βe·log m on the group columns;
+    the members of the expanded groups (runs of m in the non-focus order) are added as raw keys,
+    and a dense (block, head) attends to every Visible key."""
+    B, Hkv, rep, b, m = c.B, c.Hkv, c.rep, op.Sub(i1, i0), sel.m
+    qb = _slice(op, c.qv, i0, i1, 3)
+    keys, values, focus_ok, group_ok, raw_ok = _gathered(op, c, sel, cand, b)
+    dots = _logits(op, c, qb, keys)                                                        # [B, Hkv, rep, b, L]
+    expand_logit = op.Mul(_attribute(op, "expand_bias"), op.Log(op.Cast(m, to=_F32)))
+    estimate = op.Where(op.Concat(focus_ok, group_ok, raw_ok, axis=4), op.Add(dots, _group_bias(op, cand, expand_logit)),
+                        float("-inf"))
+    mass = _slice(op, op.Softmax(estimate, axis=-1), cand.n_f, op.Add(cand.n_f, cand.n_g), 4)
+    expand, dense = _block_expansion(op, op.Where(op.IsNaN(mass), 0.0, mass), group_ok)  # a non-finite row adds 0
+    # The union's groups first (by index), as many as any (batch, kv head) expands.
+    union = _any(op, expand, [2])                                                          # [B, Hkv, n_g]
+    n_e = op.ReduceMax(_count(op, union, [-1]), [0, 1], keepdims=0)
+    groups = _by_position(op, op.Cast(union, to=_I64), cand.n_g, n_e)                     # [B, Hkv, n_e]
+    per_q = op.Expand(op.Unsqueeze(groups, [2]), _vec(op, B, Hkv, rep, n_e))
+    chosen = op.And(op.Unsqueeze(op.GatherElements(expand, per_q, axis=-1), [3]),
+                    op.GatherElements(group_ok, op.Expand(op.Unsqueeze(per_q, [3]), _vec(op, B, Hkv, rep, b, n_e)),
+                                      axis=-1))                                            # [B, Hkv, rep, b, n_e]
+    member_ok = _reshape(op, op.Expand(op.Unsqueeze(chosen, [-1]), _vec(op, B, Hkv, rep, b, n_e, m)),
+                         B, Hkv, rep, b, op.Mul(n_e, m))
+    members = _reshape(op, op.Add(op.Mul(op.Unsqueeze(groups, [-1]), m), op.Range(0, m, 1)), B, Hkv, op.Mul(n_e, m))
+    pos = op.GatherElements(sel.nonfocus, members, axis=-1)
+    per_q_rows = lambda x: op.Unsqueeze(_rows(op, x, pos), [2])                            # [B, Hkv, 1, n_e·m, E]
+    ok = op.Concat(focus_ok, op.And(group_ok, op.Not(op.Unsqueeze(expand, [3]))), raw_ok, member_ok, axis=4)
+    logits = op.Concat(op.Add(dots, _group_bias(op, cand, sel.group_logit)), _logits(op, c, qb, per_q_rows(c.k)),
+                       axis=4)
+    member_values = op.Expand(per_q_rows(c.v), _vec(op, B, Hkv, rep, op.Mul(n_e, m), c.Dv))
+    out = _attend(op, ok, logits, op.Concat(values, member_values, axis=3))
+    dense_rows = lambda op: op.Where(op.Unsqueeze(dense, [3, 4]),
+                                     _attend(op, _visible(op, c, i0, i1), _logits(op, c, qb, c.k5), c.v5), out)
+    return _if(op, _any(op, dense, [0, 1, 2]), dense_rows, lambda op: op.Identity(out), "dense")
+
+
+def _for_each_block(op, c: _Call, size: V, block: Callable[..., V]) -> V:
     """[B, Hkv, rep, N, Dv]: ``block(op, i0, i1)`` -> rows [B, Hkv, rep, i1 − i0, Dv] for each
-    block [i0, i1) of `BLOCK_SIZE` query rows, in one ``Loop`` (`_close_loop_bodies` makes its body
-    closed)."""
+    block [i0, i1) of ``size`` query rows (1 ≤ size ≤ max(N, 1)), in one ``Loop``
+    (`_close_loop_bodies` makes its body closed)."""
     N = c.Nk
-    trips = op.Div(op.Add(N, BLOCK_SIZE - 1), BLOCK_SIZE)
+    trips = op.Div(op.Add(N, op.Sub(size, 1)), size)
     acc0 = op.ConstantOfShape(_vec(op, c.B, c.Hkv, c.rep, 0, c.Dv), value=ir.tensor([0.0], dtype=_F32))
 
     def body(op, it, cond, acc):
-        i0 = op.Mul(it, BLOCK_SIZE)
-        return op.Identity(cond), op.Concat(acc, block(op, i0, op.Min(op.Add(i0, BLOCK_SIZE), N)), axis=3)
+        i0 = op.Mul(it, size)
+        return op.Identity(cond), op.Concat(acc, block(op, i0, op.Min(op.Add(i0, size), N)), axis=3)
 
     inputs = [ir.val("it", _I64, []), ir.val("cond", _BOOL, []), ir.Value(name="acc", type=acc0.type)]
     graph = op.builder.subgraph(body, inputs, [ir.Value(name="cond_out"), ir.Value(name="acc_out")], name="dga_block")
@@ -419,15 +497,22 @@ def _dga_attention(op, c: _Call) -> V:
     mask_causal = _if(op, op.And(op.Equal(c.Nm, c.Nk), op.Greater(c.Nk, 1)),
                       lambda op: _mask_is_keys_and_causal(op, c), lambda op: op.Identity(False), "mask_causal")
     positional = op.And(op.Equal(c.h2, 1), op.Or(op.Equal(c.Nm, 1), mask_causal))
+    # Step 5′ (τ > 0) runs per block of query_block rows; without it the blocks are BLOCK_SIZE rows.
+    expanding = op.Greater(_attribute(op, "expand_mass"), 0.0)
+    size = op.Where(expanding, op.Min(_attribute(op, "query_block"), op.Max(c.Nk, 1)), BLOCK_SIZE)
+
+    def step5(op, cand, i0, i1):
+        return _if(op, expanding, lambda op: _expanding_block(op, c, sel, cand, i0, i1),
+                   lambda op: _attend_block(op, c, sel, cand, i0, i1), "expand")
 
     def positional_blocks(op):
         keys = _key_tables(op, c, sel, op.Or(c.causal, mask_causal))
-        return _for_each_block(op, c, lambda op, i0, i1: _attend_block(
-            op, c, sel, _positional_candidates(op, c, sel, keys, i0, i1), i0, i1))
+        return _for_each_block(op, c, size, lambda op, i0, i1: step5(
+            op, _positional_candidates(op, c, sel, keys, i0, i1), i0, i1))
 
     def masked_blocks(op):
-        return _for_each_block(op, c, lambda op, i0, i1: _attend_block(
-            op, c, sel, _masked_candidates(op, c, sel, i0, i1), i0, i1))
+        return _for_each_block(op, c, size, lambda op, i0, i1: step5(
+            op, _masked_candidates(op, c, sel, i0, i1), i0, i1))
 
     out = _if(op, positional, positional_blocks, masked_blocks, "blocks")
     return _reshape(op, out, c.B, c.Hq, c.Nk, c.Dv)

@@ -100,7 +100,6 @@ def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tu
     """
     program, _ = prepare(model, args, kwargs, config, dynamic)
     _check_no_dropout(program)
-    _check_function_computes(program)
     register_schema()
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                      custom_translation_table={torch.ops.dga.attention.default: _translate})
@@ -115,23 +114,6 @@ def _check_no_dropout(program: torch.export.ExportedProgram) -> None:
         if dropout_p:
             raise ValueError(f"cannot export attention site {node.name} with dropout_p={dropout_p}: the model was "
                              f"traced in training mode; call model.eval() before exporting")
-
-
-#: Op fields whose non-default values the function body does not compute yet: (name, value it computes).
-_NOT_IN_FUNCTION = (("sinks", 0), ("expand_mass", 0.0))
-
-
-def _check_function_computes(program: torch.export.ExportedProgram) -> None:
-    """Refuses a site whose config the ONNX function body does not compute exactly (a runtime
-    without the custom-op library would run the body and silently differ)."""
-    for node in dga_nodes(program):
-        config = OpCall.parse(node.args).config
-        for name, supported in _NOT_IN_FUNCTION:
-            value = getattr(config, name)
-            if value != supported:
-                raise NotImplementedError(
-                    f"cannot export attention site {node.name} with DGAConfig.{name}={value!r}: the ONNX function "
-                    f"body computes only {name}={supported!r} so far; export with config.replace({name}={supported!r})")
 
 
 def with_function(proto: onnx.ModelProto) -> onnx.ModelProto:
