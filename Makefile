@@ -57,6 +57,7 @@ test-gpu: $(STAMP) native
 
 bench: $(STAMP) native
 	$(BIN)/python bench/bench_cpu.py
+	$(BIN)/python bench/bench_decode.py
 
 bench-gpu: $(STAMP) native
 	$(BIN)/python bench/bench_gpu.py

@@ -6,6 +6,14 @@ from .reference import reference_attention
 from .passes import RewriteError, RewriteReport, rewrite
 from .backend import backend, compile
 
-__all__ = ["DGAConfig", "RewriteError", "RewriteReport", "backend", "compile", "dynamic_group_attention",
+__all__ = ["DGACache", "DGAConfig", "RewriteError", "RewriteReport", "backend", "compile", "dynamic_group_attention",
            "reference_attention", "rewrite"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`DGACache` needs transformers: it is imported on first use, not by ``import dga_compile``."""
+    if name == "DGACache":
+        from .cache import DGACache
+        return DGACache
+    raise AttributeError(f"module 'dga_compile' has no attribute {name!r}")

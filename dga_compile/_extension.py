@@ -30,6 +30,8 @@ from .reference import dense_attention
 
 __all__ = ["DTYPES", "add_parser", "attention", "available", "build_extension", "cpp_attention", "library_path"]
 
+#: The translation units of the library: the prefill op and the decode kernel, each with its binding.
+_FILES = (("torch", "dga_torch.cc"), ("core", "dga_cpu.cc"), ("torch", "dga_decode_torch.cc"), ("core", "dga_decode.cc"))
 #: Dtypes the kernel serves (it computes in float32, the working dtype of all three).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,7 +59,7 @@ def build_extension(force: bool = False) -> pathlib.Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     with staged(library) as target:
         run([cxx, "-std=c++20", *CXXFLAGS, "-shared", *(f"-I{p}" for p in include_paths()),
-             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(CSRC / "torch" / "dga_torch.cc"), str(CSRC / "core" / "dga_cpu.cc"),
+             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(str(CSRC / d / f) for d, f in _FILES),
              f"-L{libs}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libs}", "-o", str(target)],
             f"{cxx} (PyTorch extension)")
     return library

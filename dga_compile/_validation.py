@@ -42,7 +42,7 @@ def validate_config(config: Optional[DGAConfig]) -> DGAConfig:
     if config is None:
         return DGAConfig()
     if not isinstance(config, DGAConfig):
-        raise TypeError(f"config must be a DGAConfig, got {type(config).__name__} {config!r}; "
+        raise TypeError(f"config must be a DGAConfig or None, got {type(config).__name__} {config!r}; "
                         f"use e.g. DGAConfig(focus_ratio=0.1) or DGAConfig(**options)")
     return config
 

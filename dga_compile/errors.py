@@ -7,8 +7,8 @@ the classes here are for failures of a whole step (a build, a fetch, a strict re
 
 from __future__ import annotations
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CLIError", "DGAError", "FetchError", "ModelLoadError",
-           "NativeBuildError", "RewriteError", "VerificationError"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CacheError", "CLIError", "DGAError", "FetchError",
+           "ModelLoadError", "NativeBuildError", "RewriteError", "VerificationError"]
 
 #: Exit statuses of the ``dga-compile`` command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -48,3 +48,7 @@ class VerificationError(DGAError, RuntimeError):
     def __init__(self, message: str, verification):
         super().__init__(message)
         self.verification = verification
+
+
+class CacheError(DGAError, RuntimeError):
+    """A `dga_compile.DGACache` was used in a way it cannot serve (e.g. attention that does not read it)."""

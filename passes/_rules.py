@@ -1,14 +1,16 @@
-"""The attention rules: each finds one family of spellings and returns a `Match` (named bindings).
+"""The attention rules: each finds one family of spellings and binds it as a `Match`.
 
-A rule's ``match(node)`` returns None when ``node`` is not its anchor, else a `Match`; a match
-that the rule itself cannot rewrite carries a ``reason`` (a near miss is data, not an
-exception). The checks every site shares (mask kind, shapes, GQA, policy) and the rewrite live
-in `_rewrite.py`.
+A rule has three parts (the onnxscript rewriter's shape): ``pattern(node)`` returns None when
+``node`` is not its anchor, else a `Match` (named bindings; a near miss carries a ``reason``:
+it is data, not an exception); ``check(match)`` adds the rule's own reasons; ``rewrite``
+inserts the op (`_insert.insert_site`). The checks every site shares live in `_checks.py`, the
+policy in `dga_compile/policy.py`, the driver in `_driver.py`.
 
 Rules (one per spelling family, variants as tags):
 - `SdpaRule`: one fused call; tags name the target (``torch``, ``aten``, ``aten:flash_cpu`` …).
-- `MatmulSoftmaxRule`: softmax(q·kᵀ·s + mask)·v written out; tags name the key transpose, the
-  scale form, the mask form, the casts and dropout.
+- `MatmulSoftmaxRule`: softmax(q·kᵀ·s + mask)·v written out, the products as matmul, bmm on
+  [B·H, N, D] views (``3d``) or einsum (``einsum``) in any layout (``layout:bshd`` …); tags name
+  the scale form, the mask form, casts and dropout.
 """
 
 from __future__ import annotations
@@ -22,35 +24,57 @@ from torch import fx
 
 from . import _graph as g
 from ._graph import aten
+from ._insert import insert_site, replace_backward
+from ._layout import Layout, Operand, apply, bind, contract, einsum_operands, layout_step, mask_plan, plan, \
+    subscripts, trace
+from ._walk import MANY_USERS, Stop, Walker
 
-__all__ = ["Match", "MatmulSoftmaxRule", "SdpaRule", "RULES"]
+__all__ = ["Match", "MatmulSoftmaxRule", "Rule", "SdpaRule", "RULES"]
 
 
 @dataclasses.dataclass
 class Match:
     """Named bindings of one attention site.
 
-    ``anchor`` is the node whose uses the DGA output replaces ([B, Hq, Nq, Dv]). ``masks`` lists
-    (node, sense) pairs, sense ``"attend"`` (bool True = attend, or additive float) or ``"fill"``
-    (bool True = masked, as masked_fill takes it); they are ANDed. ``scale`` None means the
-    SDPA default 1/sqrt(D).
+    ``anchor`` is the node whose uses the DGA output replaces; ``out_plan`` the ops that turn the
+    op's [B, Hq, Nq, Dv] into the anchor's layout. ``q``/``k``/``v`` are `Operand` s ([B, H, N, D]).
+    ``masks`` lists (node, sense, plan): sense ``"attend"`` (bool True = attend, or additive float)
+    or ``"fill"`` (bool True = masked, as masked_fill takes it), plan the ops that make the mask
+    broadcast to [B, H, Nq, Nk]; they are ANDed. ``scale`` None means the SDPA default 1/sqrt(D).
     """
 
     rule: str
     anchor: fx.Node
-    q: Optional[fx.Node] = None
-    k: Optional[fx.Node] = None
-    v: Optional[fx.Node] = None
+    q: Optional[Operand] = None
+    k: Optional[Operand] = None
+    v: Optional[Operand] = None
     masks: list = dataclasses.field(default_factory=list)
     is_causal: bool = False
     scale: Optional[float] = None
     dropout_p: float = 0.0
-    k_transposed: bool = False  # the binding ``k`` is kᵀ [B, H, D, Nk]; the rewrite transposes it back
-    q_factors: list = dataclasses.field(default_factory=list)  # (scalar node, "mul"|"div"): a scale known only at run time
+    q_factors: list = dataclasses.field(default_factory=list)  # (scalar node, "mul"|"div"): a run-time scale on q
+    out_plan: list = dataclasses.field(default_factory=list)
     backward: Optional[fx.Node] = None  # the paired ATen backward of a joint (forward + backward) graph
     grad_out: Optional[fx.Node] = None
     tags: list = dataclasses.field(default_factory=list)
     reason: Optional[str] = None
+    weights_used: bool = False  # the attention probabilities have other users (the policy keeps it dense)
+
+
+class Rule:
+    """One attention spelling family: ``pattern`` binds, ``check`` vetoes, ``rewrite`` inserts."""
+
+    name = ""
+
+    def pattern(self, node: fx.Node) -> Optional[Match]:
+        raise NotImplementedError
+
+    def check(self, m: Match) -> Optional[str]:
+        return m.reason
+
+    def rewrite(self, graph: fx.Graph, m: Match, config) -> tuple:
+        """Inserts ``dga.attention`` for ``m``; returns the op's arguments."""
+        return insert_site(graph, m, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,31 +96,35 @@ def _schema_params(op) -> tuple:
 _TORCH_SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
                ("is_causal", False), ("scale", None), ("enable_gqa", False))
 
+#: the ATen SDPA ops: (op name, tag, name of the mask argument, returns a tuple)
+_ATEN_SDPA = (
+    ("scaled_dot_product_attention", "aten", "attn_mask", False),                     # the composite op
+    ("_scaled_dot_product_flash_attention_for_cpu", "aten:flash_cpu", "attn_mask", True),  # CPU flash kernel
+    ("_scaled_dot_product_flash_attention", "aten:flash", None, True),                # CUDA flash (no mask)
+    ("_scaled_dot_product_efficient_attention", "aten:efficient", "attn_bias", True),  # memory-efficient
+    ("_scaled_dot_product_cudnn_attention", "aten:cudnn", "attn_bias", True),         # cuDNN
+    ("_scaled_dot_product_attention_math", "aten:math", "attn_mask", True),           # the math fallback
+    ("_scaled_dot_product_fused_attention_overrideable", "aten:overrideable", "attn_bias", True),  # backends
+)
+
 
 def _sdpa_variants() -> dict:
     table = {torch._C._nn.scaled_dot_product_attention: _SdpaVariant("torch", _TORCH_SDPA, "attn_mask", False)}
-    for name, tag, mask, tuple_out in [
-        ("scaled_dot_product_attention", "aten", "attn_mask", False),
-        ("_scaled_dot_product_flash_attention_for_cpu", "aten:flash_cpu", "attn_mask", True),
-        ("_scaled_dot_product_flash_attention", "aten:flash", None, True),
-        ("_scaled_dot_product_efficient_attention", "aten:efficient", "attn_bias", True),
-        ("_scaled_dot_product_cudnn_attention", "aten:cudnn", "attn_bias", True),
-        ("_scaled_dot_product_attention_math", "aten:math", "attn_mask", True),
-        ("_scaled_dot_product_fused_attention_overrideable", "aten:overrideable", "attn_bias", True),
-    ]:
+    for name, tag, mask, tuple_out in _ATEN_SDPA:
         op = getattr(aten, name, None)
         if op is not None:
             table[op.default] = _SdpaVariant(tag, _schema_params(op.default), mask, tuple_out)
     return table
 
 
-class SdpaRule:
+class SdpaRule(Rule):
     """A fused scaled-dot-product-attention call, in any argument spelling.
 
     Pattern: ``sdpa(q, k, v, [mask], dropout_p, is_causal, scale=…, enable_gqa=…)`` at torch
     level or one of the ATen ops (tuple outputs: only ``[0]`` may have users).
     Check: constant dropout_p / is_causal; math variant without an explicit dropout mask. A scale
-    known only at run time (a graph scalar) is applied to q, and the op gets scale 1.
+    known only at run time (a graph scalar) is applied to q, and the op gets scale 1. GQA
+    ``repeat_kv`` copies of k/v are dropped (tag ``gqa:repeat_kv``): the op takes Hq ≠ Hkv.
     """
 
     name = "sdpa"
@@ -104,15 +132,15 @@ class SdpaRule:
     def __init__(self):
         self.variants = _sdpa_variants()
 
-    def match(self, node: fx.Node) -> Optional[Match]:
+    def pattern(self, node: fx.Node) -> Optional[Match]:
         variant = self.variants.get(node.target) if node.op == "call_function" else None
         if variant is None:
             return None
         a = _bind(node, variant.params)
-        m = Match(self.name, node, a["query"], a["key"], a["value"], tags=[variant.tag])
+        m = Match(self.name, node, Operand(a["query"]), Operand(a["key"]), Operand(a["value"]), tags=[variant.tag])
         mask = a.get(variant.mask) if variant.mask else None
         if mask is not None:
-            m.masks.append((mask, "attend"))
+            m.masks.append((mask, "attend", []))
         m.scale = a.get("scale")
         if variant.tuple_out:
             m.anchor, m.reason = _first_output(node)
@@ -129,8 +157,15 @@ class SdpaRule:
                 m.reason = f"{name} is computed in the graph, not a constant"
         if m.reason is None:
             m.dropout_p, m.is_causal = float(a.get("dropout_p") or 0.0), bool(a.get("is_causal"))
+        if m.backward is None:  # the backward's dk, dv have the repeated shape
+            _strip_repeat_kv(m, Walker())
         return m
 
+    def rewrite(self, graph: fx.Graph, m: Match, config) -> tuple:
+        args = insert_site(graph, m, config)
+        if m.backward is not None:
+            replace_backward(graph, m, args)
+        return args
 
     @staticmethod
     def _pair_backward(node: fx.Node, a: dict, m: Match) -> None:
@@ -178,74 +213,194 @@ def _first_output(node: fx.Node) -> tuple:
     return first, None
 
 
+def _strip_repeat_kv(m: Match, walker: Walker) -> None:
+    """k = reshape(expand(k0[:, :, None], (B, Hkv, n, N, D)), (B, Hkv·n, N, D)) -> k0 (same for v):
+    the heads dim of both is a kv-head atom followed by broadcast atoms."""
+    bound = []
+    for op in (m.k, m.v):
+        tr = trace(op.node, walker) if isinstance(op.node, fx.Node) else None
+        dims = tr.layout.dims if tr is not None else ()
+        if len(dims) != 4 or any(len(d) > 1 or set(d) & tr.layout.broadcast for d in (dims[0], dims[2], dims[3])):
+            return
+        real = [a for a in dims[1] if a not in tr.layout.broadcast]
+        if len(real) > 1 or len(real) == len(dims[1]) or dims[1][:len(real)] != tuple(real):
+            return
+        roles = [d[0] if d else None for d in dims]
+        roles[1] = real[0] if real else None
+        bound.append(bind(tr, roles))
+    k, v = bound
+    if k is not None and v is not None and g.known_equal(k.shape[1], v.shape[1]):
+        m.k, m.v = k, v
+        m.tags.append("gqa:repeat_kv")
+
+
 # ---------------------------------------------------------------------------------------------
 # MatmulSoftmaxRule: hand-written attention
 # ---------------------------------------------------------------------------------------------
 
-class MatmulSoftmaxRule:
-    """softmax(q·kᵀ·scale + mask)·v written out with matmul/bmm.
+class _Scores:
+    """softmax's input walked back to the score product q·kᵀ (a matmul, bmm or einsum).
 
-    Pattern (anchor = the softmax), walking backwards from the softmax input through any order of
-    ``cast`` (upcast), ``mul``/``div`` by a constant (``scale:mul``/``scale:div``), ``add`` of a mask
-    (``mask:add``), ``masked_fill``/``where`` with a masked fill value (``mask:masked_fill``,
-    ``mask:where``), down to ``matmul(q, kᵀ)`` with kᵀ a ``transpose``/``permute`` of k
-    (``kT:transpose``/``kT:permute``/``kT:other``); forwards through casts and ``dropout`` to
-    ``matmul(p, v)``. ATen ``bmm`` with its expand/view wrappers is read as the 4-D matmul.
-    Check: every intermediate (scores, weights) has no other user; softmax over the last dim;
+    ``steps`` records, from the softmax side, ``("layout", node)`` and ``("mask", node, sense)``;
+    the scale, run-time factors and tags go onto the match. With ``probe`` nothing is recorded:
+    the walk only says whether the chain leads back to a product (tells scores from a mask)."""
+
+    def __init__(self, walker: Walker, m: Match, probe: bool = False):
+        self.walker, self.m, self.probe = walker, m, probe
+        self.steps, self.scale, self.forms = [], 1.0, []
+        #: the ops between q·kᵀ and the softmax: (family, handler(node) -> next node or Stop)
+        self.table = (
+            (g.MATMUL | g.EINSUM, lambda n: Stop(n)),  # q·kᵀ: the walk's goal
+            (g.CAST, lambda n: n.args[0]),             # casts (an fp32 softmax): same values, same layout
+            (g.MUL | g.DIV, self._scaled),             # s·c, s/c: the scale (a graph scalar goes onto q)
+            (g.ADD, self._added),                      # s + mask: an additive mask
+            (g.MASKED_FILL, self._filled),             # masked_fill(s, m, −∞): a bool mask, True = masked
+            (g.WHERE, self._where),                    # where(m, s, −∞) / where(m, −∞, s): a bool mask
+        )
+
+    def run(self, x: Any) -> Optional[fx.Node]:
+        """The product node the chain from ``x`` leads back to, or None."""
+        end = self.walker.up(x, self._step).value
+        return end if isinstance(end, fx.Node) else None
+
+    def _step(self, n: fx.Node):
+        if not self.probe:
+            users = [u for u in n.users if not g.is_op(u, g.META_ONLY)]
+            if len(users) != 1 and not all(g.is_op(u, g.SOFTMAX) or _is_inf_test(u) for u in users):
+                self.m.reason = self.m.reason or "attention scores have other users"
+        if layout_step(n) is not None:
+            self.steps.append(("layout", n))
+            return n.args[0]
+        for fam, handler in self.table:
+            if g.is_op(n, fam):
+                return handler(n)
+        return Stop()
+
+    def _reaches(self, x: Any) -> bool:
+        return _Scores(self.walker, self.m, probe=True).run(x) is not None
+
+    def _scaled(self, n: fx.Node):
+        a, b = n.args[0], n.args[1]
+        is_mul = g.is_op(n, g.MUL)
+        c, other = (g.constant(b), a) if g.constant(b) is not None else (g.constant(a), b)
+        if c is None or (not is_mul and other is not a):
+            scalar, other = _runtime_factor(n, self._reaches)
+            if scalar is None:
+                return Stop()
+            if not self.probe:
+                self.m.q_factors.append((scalar, "mul" if is_mul else "div"))
+            self.forms.append("scale:runtime")
+            return other
+        self.scale = self.scale * c if is_mul else self.scale / c
+        self.forms.append("scale:mul" if is_mul else "scale:div")
+        return other
+
+    def _added(self, n: fx.Node):
+        for scores, mask in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+            if self._reaches(scores):
+                self.steps.append(("mask", mask, "attend"))
+                self.forms.append("mask:add")
+                return scores
+        return Stop()
+
+    def _filled(self, n: fx.Node):
+        fill = g.constant(g.arg(n, 2, "value"))
+        if not g.is_masked_value(fill) and not self.probe:
+            self.m.reason = self.m.reason or f"masked_fill with the finite value {fill} (a bias, not a mask)"
+        self.steps.append(("mask", g.arg(n, 1, "mask"), "fill"))
+        self.forms.append("mask:masked_fill")
+        return n.args[0]
+
+    def _where(self, n: fx.Node):
+        if len(n.args) != 3:
+            return Stop()
+        cond, a, b = n.args
+        if self._reaches(a) and g.is_masked_value(g.constant(b)):
+            self.steps.append(("mask", cond, "attend"))
+        elif self._reaches(b) and g.is_masked_value(g.constant(a)):
+            self.steps.append(("mask", cond, "fill"))
+            a = b
+        else:
+            return Stop()
+        self.forms.append("mask:where")
+        return a
+
+
+class MatmulSoftmaxRule(Rule):
+    """softmax(q·kᵀ·scale + mask)·v written out.
+
+    Pattern (anchor = the softmax): backwards from the softmax input through casts, ``mul``/
+    ``div`` by a constant (``scale:mul``/``scale:div``), ``add`` of a mask (``mask:add``),
+    ``masked_fill``/``where`` with a masked fill value (``mask:masked_fill``, ``mask:where``) and
+    layout ops, to the score product; forwards through casts, layout ops and ``dropout`` to the
+    output product. Each product is a matmul, a bmm or an einsum (``einsum``), read as an einsum
+    over the dims of q, k and v (`_layout`): any layout of q/k/v (``layout:bshd``), kᵀ by
+    transpose/permute/mT, 3-D [B·H, N, D] operands when the graph shows the split of B·H (``3d``),
+    GQA ``repeat_kv`` / MQA broadcasts of k/v (dropped: ``gqa:repeat_kv``).
+    Check: every intermediate (scores, weights) has no other user; softmax over the key dim;
     constant scale (none: 1.0, as written; a graph scalar goes onto q: ``scale:runtime``); fill
     values are masked (≤ −1e4).
     """
 
     name = "matmul-softmax"
 
-    def match(self, node: fx.Node) -> Optional[Match]:
+    def pattern(self, node: fx.Node) -> Optional[Match]:
         if not g.is_op(node, g.SOFTMAX):
             return None
-        m = Match(self.name, node)
-        pv = self._forward(node, m)
-        qk = self._backward(node.args[0], m)
-        if pv is None or qk is None:
-            near = pv is not None or qk is not None
-            return m if near and m.reason else None
-        m.anchor = _out_4d(pv)
-        m.q, cq = _unscale(_in_4d(qk.args[0]))
-        m.v = _in_4d(pv.args[1])
-        ck = self._bind_k(qk.args[1], m)
-        if cq * ck != 1.0:
-            m.scale *= cq * ck
-            m.tags.append("scale:qk")
-        rank = len(g.shape(node) or ())
+        walker, m = Walker(), Match(self.name, node)
+        scores = _Scores(walker, m)
+        qk = scores.run(node.args[0])
+        pv = self._weights(node, walker, m)
+        if qk is None and pv is None:
+            return None
+        if m.weights_used:
+            return m
+        if qk is None:
+            m.reason = m.reason or "the softmax input is not a product q·kᵀ (matmul, bmm or einsum)"
+            return m
+        if pv is None:
+            m.reason = m.reason or "the attention weights do not feed a product with v (matmul, bmm or einsum)"
+            return m
+        m.scale = scores.scale
+        m.tags.extend(scores.forms or ["scale:none"])
         dim = g.arg(node, 1, "dim")
+        rank = len(g.shape(node) or ())
         if dim not in (-1, rank - 1):
             m.reason = m.reason or f"softmax over dim {dim}, not the key dim"
-        if m.anchor is None or any(x is None for x in (m.q, m.k, m.v)):
-            m.reason = m.reason or "q, k or v is not a 4-D [B, H, N, D] tensor (NYI: 3-D [B·H, N, D] attention)"
+            return m
+        m.reason = m.reason or self._bind(m, walker, qk, scores.steps, *pv)
         return m
 
-    def _forward(self, softmax: fx.Node, m: Match) -> Optional[fx.Node]:
-        """Walks softmax -> casts / dropout / layout -> matmul(p, v); returns that matmul."""
-        x = softmax
-        for _ in range(8):
-            users = [u for u in x.users if not (_zeros_like(u) or g.is_op(u, g.META_ONLY))]
-            if len(users) != 1:
-                m.reason = m.reason or "attention weights have other users (e.g. output_attentions)"
-                return None
-            (user,) = users
+    def _weights(self, softmax: fx.Node, walker: Walker, m: Match) -> Optional[tuple]:
+        """Walks softmax -> casts / dropout / layout ops -> the product with v; returns
+        (product, index of the weights among its operands, the layout ops on the way)."""
+        layout_ops = []
+
+        def step(user, x):
             if g.is_op(user, g.MATMUL) and user.args[0] is x:
-                return user
-            if g.is_op(user, g.CAST | g.LAYOUT) and user.args[0] is x:
-                x = user
-            elif g.is_op(user, g.WHERE) and _zero_rows(user, x):
+                return Stop((user, 0))
+            if g.is_op(user, g.EINSUM) and x in einsum_operands(user):
+                return Stop((user, einsum_operands(user).index(x)))
+            if g.is_op(user, g.WHERE) and _zero_rows(user, x):
                 m.tags.append("rows:zeroed")
-                x = user
-            elif g.is_op(user, g.DROPOUT):
+                return user
+            if user.args[0] is not x:
+                return Stop()
+            if layout_step(user) is not None:
+                layout_ops.append(user)
+                return user
+            if g.is_op(user, g.CAST):
+                return user
+            if g.is_op(user, g.DROPOUT):
                 self._dropout(user, m)
-                x = user
-                if user.target is aten.native_dropout.default:
-                    x = next(iter(user.users), user)  # getitem(…, 0)
-            else:
-                return None
-        return None
+                return next(iter(user.users), user) if user.target is aten.native_dropout.default else user
+            return Stop()
+
+        trail = walker.down(softmax, step)
+        if trail.value == MANY_USERS:
+            m.weights_used = True
+            return None
+        return trail.value + (layout_ops,) if isinstance(trail.value, tuple) else None
 
     @staticmethod
     def _dropout(node: fx.Node, m: Match) -> None:
@@ -258,94 +413,148 @@ class MatmulSoftmaxRule:
         m.dropout_p = p if train else 0.0
         m.tags.append("dropout")
 
-    def _backward(self, x: Any, m: Match) -> Optional[fx.Node]:
-        """Walks the softmax input back to matmul(q, kᵀ), collecting scale and masks."""
-        scale = 1.0
-        forms = []
-        for _ in range(12):
-            if not isinstance(x, fx.Node):
-                return None
-            users = [u for u in x.users if not g.is_op(u, g.META_ONLY)]
-            if len(users) != 1 and not all(g.is_op(u, g.SOFTMAX) or _is_inf_test(u) for u in users):
-                m.reason = m.reason or "attention scores have other users"
-            if g.is_op(x, g.MATMUL):
-                m.scale = scale
-                m.tags.extend(forms or ["scale:none"])
-                return x
-            if g.is_op(x, g.CAST | g.LAYOUT):
-                x = x.args[0]
-            elif g.is_op(x, g.MUL | g.DIV):
-                a, b = x.args[0], x.args[1]
-                c, other = (g.constant(b), a) if g.constant(b) is not None else (g.constant(a), b)
-                if c is None or (g.is_op(x, g.DIV) and other is not a):
-                    scalar, other = _runtime_factor(x)
-                    if scalar is None:
-                        return None
-                    m.q_factors.append((scalar, "mul" if g.is_op(x, g.MUL) else "div"))
-                    forms.append("scale:runtime")
-                    x = other
-                    continue
-                scale = scale * c if g.is_op(x, g.MUL) else scale / c
-                forms.append("scale:mul" if g.is_op(x, g.MUL) else "scale:div")
-                x = other
-            elif g.is_op(x, g.ADD):
-                scores, mask = _split_add(x)
-                if scores is None:
-                    return None
-                m.masks.append((mask, "attend"))
-                forms.append("mask:add")
-                x = scores
-            elif g.is_op(x, g.MASKED_FILL):
-                fill = g.constant(g.arg(x, 2, "value"))
-                if not g.is_masked_value(fill):
-                    m.reason = m.reason or f"masked_fill with the finite value {fill} (a bias, not a mask)"
-                m.masks.append((g.arg(x, 1, "mask"), "fill"))
-                forms.append("mask:masked_fill")
-                x = x.args[0]
-            elif g.is_op(x, g.WHERE) and len(x.args) == 3:
-                cond, a, b = x.args
-                if _reaches_matmul(a) and g.is_masked_value(g.constant(b)):
-                    m.masks.append((cond, "attend"))
-                    x = a
-                elif _reaches_matmul(b) and g.is_masked_value(g.constant(a)):
-                    m.masks.append((cond, "fill"))
-                    x = b
-                else:
-                    return None
-                forms.append("mask:where")
-            else:
-                return None
+    def _bind(self, m: Match, walker: Walker, qk: fx.Node, steps: list, pv: fx.Node, p_index: int,
+              p_layout_ops: list) -> Optional[str]:
+        """Binds q, k, v, the masks and the anchor from the two products; returns a reason or None."""
+        sub = subscripts(qk)
+        if sub is None:
+            return f"the score product {qk.name} is not a two-operand contraction over one dim"
+        xs, ys, zs, xo, yo = sub
+        tx, ty = trace(xo, walker), trace(yo, walker)
+        if tx is None or ty is None:
+            return "no shape metadata on the score product's operands"
+        read = _read_scores(xs, ys, zs, tx, ty, steps)
+        if read is not None and read[0].free[0] != read[1].dims[-2]:  # k·qᵀ: the second operand is q
+            read, (tx, ty) = _read_scores(ys, xs, zs, ty, tx, steps), (ty, tx)
+        if read is None or read[1].dims[-2:] != (read[0].free[0], read[0].free[1]):
+            return "the softmax is not over the keys of a product q·kᵀ with one contracted dim"
+        c, s_layout, masks_at = read
+        roles = _roles(s_layout, c.repeat)
+        if isinstance(roles, str):
+            return roles
+        b, h = roles
+        if len(c.free[0]) > 1 or len(c.free[1]) > 1 or len(c.summed[0]) > 1 or c.repeat.get(b):
+            return "q or k merges several dims into its length or head dim"
+        i, j, d = (grp[0] if grp else None for grp in (c.free[0], c.free[1], c.summed[0]))
+        m.q = bind(tx, (b, h, i, d))
+        m.k = bind(ty, (c.partner.get(b), c.partner.get(h), j, c.partner.get(d)))
+        rep_k = c.repeat.get(h, 1)
+        # the output product: weights (in the scores' atoms) × v
+        p_lay = s_layout
+        for n in p_layout_ops:
+            p_lay = apply(p_lay, n)
+        osub = subscripts(pv)
+        v_node = None if osub is None else osub[4 - p_index]
+        tv = trace(v_node, walker) if isinstance(v_node, fx.Node) else None
+        if p_lay is None or osub is None or tv is None:
+            return "the weights·v product is not a two-operand contraction over the keys"
+        xs2, ys2, zs2 = osub[:3]
+        c2 = contract(xs2, ys2, zs2, p_lay, tv.layout) if p_index == 0 else contract(ys2, xs2, zs2, p_lay, tv.layout)
+        if c2 is None or c2.summed[0] != ((j,) if j else ()) or c2.free[0] != ((i,) if i else ()) or \
+                len(c2.free[1]) > 1 or c2.repeat.get(b):
+            return "the weights·v product does not contract the keys of the scores"
+        dv = c2.free[1][0] if c2.free[1] else None
+        m.v = bind(tv, (c2.partner.get(b), c2.partner.get(h), c2.partner.get(j), dv))
+        if c2.repeat.get(h, 1) != rep_k:
+            return "k and v repeat their heads differently"
+        if None in (m.q, m.k, m.v):
+            return "q, k or v is not a 4-D [B, H, N, D] tensor in the graph (a permutation of one)"
+        m.anchor, m.out_plan = _anchor(pv, c2.layout, (b, h, i, dv), walker)
+        if m.out_plan is None:
+            return "the attention output's layout is not a permutation or merge of [B, H, Nq, Dv]"
+        for mask, sense, at in masks_at:
+            mp = mask_plan(g.shape(mask), at, (b, h, i, j)) if isinstance(mask, fx.Node) else []
+            if mp is None:
+                return "a mask is applied to scores whose layout is not [B, H, Nq, Nk] or [B·H, Nq, Nk]"
+            m.masks.append((mask, sense, mp))
+        m.scale *= tx.factor * ty.factor
+        q_roles = (b, h, i, d)
+        src_dims = tuple(a[1] for a in q_roles) if all(a is not None and a[0] is tx.source for a in q_roles) else None
+        self._tag(m, qk, pv, s_layout, rep_k, tx.factor * ty.factor, src_dims)
         return None
 
     @staticmethod
-    def _bind_k(kt: Any, m: Match) -> float:
-        """Binds k from kᵀ: the input of a last-two-dims transpose/permute, else kᵀ transposed back.
-        Returns the constant kᵀ was multiplied by (1.0 if none)."""
-        kt4, c = _unscale(_in_4d(kt))
-        if kt4 is None:
-            return c
-        if g.is_op(kt4, g.TRANSPOSE) and _last_two(kt4.args[1:3], 4):
-            m.k, form = kt4.args[0], "kT:transpose"
-        elif g.is_op(kt4, g.PERMUTE) and list(_dims(kt4)) in ([0, 1, 3, 2], [0, 1, -1, -2]):
-            m.k, form = kt4.args[0], "kT:permute"
+    def _tag(m: Match, qk: fx.Node, pv: fx.Node, s_layout: Layout, rep: int, factor: float,
+             src_dims: Optional[tuple]) -> None:
+        """Variant tags; ``src_dims``: where q's source holds B, H, N, D ((0, 2, 1, 3): BSHD)."""
+        tags = []
+        if g.is_op(qk, g.EINSUM) or g.is_op(pv, g.EINSUM):
+            tags.append("einsum")
+        if len(s_layout.dims) == 3:
+            tags.append("3d")
+        if src_dims == (0, 2, 1, 3):
+            tags.append("layout:bshd")
+        elif src_dims not in ((0, 1, 2, 3), None):
+            tags.append(f"layout:{''.join(map(str, src_dims))}")
+        m.tags[:0] = tags
+        if factor != 1.0:
+            m.tags.append("scale:qk")
+        if rep > 1:
+            m.tags.append("gqa:repeat_kv")
+
+
+def _read_scores(xs, ys, zs, tx, ty, steps) -> Optional[tuple]:
+    """(contraction with the first operand primary, the softmax input's layout, [(mask, sense,
+    layout of the scores where it applies)]), or None."""
+    c = contract(xs, ys, zs, tx.layout, ty.layout)
+    if c is None:
+        return None
+    lay, masks_at = c.layout, []
+    for step in reversed(steps):
+        if step[0] == "layout":
+            lay = apply(lay, step[1])
+            if lay is None:
+                return None
         else:
-            m.k, m.k_transposed, form = kt4, True, "kT:other"
-        m.tags.insert(0, form)
-        m.k, ck = _unscale(m.k)
-        return c * ck
+            masks_at.append((step[1], step[2], lay))
+    return c, lay, masks_at
 
 
-def _unscale(x: Any) -> tuple:
-    """(y, c) for x = y·c with a constant c and x used once, else (x, 1.0)."""
-    if g.is_op(x, g.MUL) and len(x.users) == 1:
-        for a, b in ((x.args[0], x.args[1]), (x.args[1], x.args[0])):
-            c = g.constant(b)
-            if c is not None and isinstance(a, fx.Node):
-                return a, c
-    return x, 1.0
+def _roles(s: Layout, repeat: dict):
+    """(B atom, H atom) from the dims of the scores before [Nq, Nk], or a reason. Merged
+    [B·H, Nq, Nk] scores show the split when q is a reshape of a 4-D tensor: two atoms, or one
+    beside a size-1 dim (B = 1 or H = 1; the one that repeats on the k side is H)."""
+    lead = s.dims[:-2]
+    if len(lead) == 2 and all(len(d) <= 1 for d in lead):
+        return tuple(d[0] if d else None for d in lead)
+    if len(lead) == 1 and len(lead[0]) == 2:
+        return lead[0]
+    if len(lead) == 1 and len(lead[0]) == 1 and len(g.shape(lead[0][0][0])) == 4:
+        (a,) = lead[0]
+        src = g.shape(a[0])
+        size_one_before = any(g.known_equal(src[d], 1) for d in range(a[1]))
+        return (None, a) if size_one_before or repeat.get(a) else (a, None)
+    if len(lead) == 1 and len(lead[0]) == 1:
+        return ("3-D [B·H, N, D] attention whose split of B·H into batch and heads the graph does not show "
+                "(q/k/v are not reshapes of [B, H, N, D] tensors): reshape them from [B, H, N, D], or call "
+                "F.scaled_dot_product_attention")
+    if len(lead) == 1 and not lead[0]:
+        return None, None
+    return f"scores of rank {len(s.dims)} are not [B, H, Nq, Nk] or [B·H, Nq, Nk]"
 
 
-def _runtime_factor(x: fx.Node) -> tuple:
+def _anchor(pv: fx.Node, lay: Layout, roles: tuple, walker: Walker) -> tuple:
+    """The node the DGA output replaces: the last node of pv's chain of layout users that is
+    [B, H, Nq, Dv] as it is, else pv itself with the plan that makes its layout."""
+    def step(user, x):
+        return user if layout_step(user) is not None and user.args[0] is x else Stop()
+
+    want = tuple(() if a is None else (a,) for a in roles)
+    best, layouts = None, [(pv, lay)]
+    for n in walker.down(pv, step).path:
+        layouts.append((n, apply(layouts[-1][1], n)))
+        if layouts[-1][1] is None:
+            layouts.pop()
+            break
+    for n, lo in layouts:
+        if lo.dims == want:
+            best = n
+    if best is not None:
+        return best, []
+    return pv, plan(lay, roles)
+
+
+def _runtime_factor(x: fx.Node, reaches) -> tuple:
     """(scalar, scores) for scores·s or scores/s with s a graph scalar (a SymFloat, or a 0-d tensor
     such as Dynamo's lifted ``self.scaling`` under dynamic=True), else (None, None)."""
     a, b = x.args[0], x.args[1]
@@ -353,96 +562,22 @@ def _runtime_factor(x: fx.Node) -> tuple:
     for scalar, scores in pairs:
         v = g.val(scalar)
         is_scalar = isinstance(v, (torch.SymFloat, torch.SymInt)) or (isinstance(v, torch.Tensor) and v.dim() == 0)
-        if isinstance(scalar, fx.Node) and is_scalar and _reaches_matmul(scores):
+        if isinstance(scalar, fx.Node) and is_scalar and reaches(scores):
             return scalar, scores
     return None, None
 
 
 def _zero_rows(where: fx.Node, p: fx.Node) -> bool:
     """where(row_fully_masked, 0, p): SDPA's (and the op's) output 0 for rows with no visible key."""
+    if len(where.args) != 3:
+        return False
     _, a, b = where.args
     return (b is p and g.is_zero(g.constant(a))) or (a is p and g.is_zero(g.constant(b)))
 
 
-def _zeros_like(node: fx.Node) -> bool:
-    """zeros_like(p) reads only p's shape."""
-    return g.is_op(node, g.FILL_CONST) and g.is_zero(g.constant(node))
-
-
 def _is_inf_test(node: fx.Node) -> bool:
     """scores == -inf: the start of the fully-masked-row test of decomposed SDPA."""
-    return g.is_op(node, g.family(aten.eq, operator.eq, "eq", "__eq__")) and g.constant(node.args[1]) == float("-inf")
-
-
-def _dims(node: fx.Node) -> tuple:
-    dims = node.args[1:] if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)) else node.args[1]
-    return tuple(dims)
-
-
-def _last_two(dims, rank: int) -> bool:
-    return len(dims) == 2 and {d % rank for d in dims if isinstance(d, int)} == {rank - 2, rank - 1}
-
-
-def _reaches_matmul(x: Any, depth: int = 8) -> bool:
-    """Whether the score chain from ``x`` leads back to a matmul (tells scores from the mask)."""
-    for _ in range(depth):
-        if not isinstance(x, fx.Node):
-            return False
-        if g.is_op(x, g.MATMUL):
-            return True
-        if g.is_op(x, g.CAST | g.LAYOUT | g.MUL | g.DIV | g.ADD | g.MASKED_FILL):
-            x = x.args[0]
-        elif g.is_op(x, g.WHERE) and len(x.args) == 3:
-            return _reaches_matmul(x.args[1], depth - 1) or _reaches_matmul(x.args[2], depth - 1)
-        else:
-            return False
-    return False
-
-
-def _split_add(node: fx.Node) -> tuple:
-    """(scores, mask) of ``scores + mask`` (either order), or (None, None)."""
-    a, b = node.args[0], node.args[1]
-    if _reaches_matmul(a):
-        return a, b
-    if _reaches_matmul(b):
-        return b, a
-    return None, None
-
-
-# 3-D bmm operands are views of 4-D tensors: [B, H, N, D] -expand-> -view-> [B·H, N, D]
-_TO_3D = g.family("view", "reshape", aten.view, aten.reshape, aten._unsafe_view)
-_SAME = g.family("expand", "clone", "contiguous", aten.expand, aten.clone, aten.contiguous)
-
-
-def _in_4d(x: Any) -> Optional[fx.Node]:
-    """The 4-D tensor a matmul operand is a (3-D view of a) no-op expand/clone of, or None."""
-    if not isinstance(x, fx.Node):
-        return None
-    for _ in range(6):
-        s = g.shape(x)
-        if s is None:
-            return None
-        if len(s) == 4:
-            while g.is_op(x, _SAME) and g.shape(x.args[0]) is not None and len(g.shape(x.args[0])) == 4:
-                x = x.args[0]  # an expand that broadcasts heads (MQA) keeps the smaller tensor: the op handles Hq ≠ Hkv
-            return x
-        if len(s) == 3 and g.is_op(x, _TO_3D | _SAME):
-            x = x.args[0]
-        else:
-            return None
-    return None
-
-
-def _out_4d(matmul: fx.Node) -> Optional[fx.Node]:
-    """The 4-D [B, H, Nq, Dv] node of an attention output matmul (the matmul or its view)."""
-    s = g.shape(matmul)
-    if s is not None and len(s) == 4:
-        return matmul
-    if len(matmul.users) == 1:
-        (user,) = matmul.users
-        if g.is_op(user, _TO_3D) and len(g.shape(user) or ()) == 4:
-            return user
-    return None
+    return g.is_op(node, g.EQ) and g.constant(node.args[1]) == float("-inf")
 
 
 RULES = (SdpaRule(), MatmulSoftmaxRule())

@@ -3,6 +3,10 @@
 Two ways to run a model: ``backend="dga"`` (rewrite, then Inductor: slow to compile on CPU,
 so most such cases are ``slow``) and ``_rewrite_only`` (the same rewrite on Dynamo's graph,
 run without Inductor: checks the rules on real model graphs in seconds).
+
+At γ = 1 a rewritten model equals the original; at γ < 1 (``APPROX``) it equals the same
+model run with `hf_reference.register_reference` (the spec on each layer's own q / k / v, no
+dga_compile glue), which a dropped causal flag, mask or GQA grouping would not.
 """
 
 import importlib.metadata
@@ -12,9 +16,10 @@ import torch
 import transformers as T
 
 import dga_compile
-from dga_compile import DGAConfig
+from dga_compile import DGAConfig, reference_attention
 from dga_compile.backend import last_report
 from dga_compile.passes import rewrite_graph_module
+from hf_reference import register_reference
 
 # γ = 1 makes DGA exact; min_seq_len=0 and small groups make the DGA path really run at N=40
 EXACT = DGAConfig(focus_ratio=1.0, group_size=4, window=2, num_probe=4, min_seq_len=0)
@@ -71,6 +76,20 @@ def _rewrite_only(cfg: DGAConfig, reports: list):
     return backend
 
 
+def _check_against_reference(arch: str, impl: str, x: dict, **compile_kwargs) -> None:
+    """At γ < 1 the rewritten model equals the model whose attention is `reference_attention`
+    (same weights), and both differ from dense by far more than the tolerance."""
+    model, reports = _tiny(arch, impl), []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = _first(torch.compile(model, backend=_rewrite_only(APPROX, reports), **compile_kwargs)(**x))
+        want = _first(_tiny(arch, register_reference(APPROX))(**x))
+        dense = _first(model(**x))
+    assert sum(s.rewritten for r in reports for s in r.sites) == LAYERS
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (want - dense).abs().max() > 1e-3, "DGA equals dense here (within 10× the tolerance): the check cannot fail"
+
+
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "gpt2", "opt", "bert", "distilbert", "vit"]
 FAST = {("llama", "sdpa", True), ("gpt2", "eager", True), ("bert", "sdpa", False), ("distilbert", "eager", True)}
 MATRIX = [pytest.param(a, i, p, id=f"{a}-{i}-{'padded' if p else 'unpadded'}",
@@ -89,6 +108,7 @@ def test_hf_rewrite_counts_and_exactness(arch, impl, padded):
     sites = [s for r in reports for s in r.sites]
     assert sum(s.rewritten for s in sites) == LAYERS == len(sites), "\n".join(map(str, reports))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _check_against_reference(arch, impl, x, fullgraph=True)
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +150,36 @@ class _Block(torch.nn.Module):
         return self.out(o.transpose(1, 2).reshape(B, N, 32))
 
 
+class _ReferenceBlock(_Block):
+    """`_Block` whose attention is `reference_attention` (differentiable) at ``config``."""
+
+    def __init__(self, block: _Block, config: DGAConfig):
+        super().__init__(block.hand_written)
+        self.load_state_dict(block.state_dict())
+        self.config = config
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        o = reference_attention(q, k, v, None, True, None, self.config)
+        return self.out(o.transpose(1, 2).reshape(B, N, 32))
+
+
 @pytest.mark.parametrize("hand_written", [False, True], ids=["sdpa", "matmul-softmax"])
 def test_training_step_gradients_match_dense(hand_written):
-    """A training step through backend="dga" (aot_autograd + the op's autograd) at γ = 1."""
+    """A training step through backend="dga" (aot_autograd + the op's autograd) at γ = 1; at γ < 1
+    the rewritten graph's gradients are those of the reference."""
     torch.manual_seed(0)
     model, x = _Block(hand_written).train(), {"x": torch.randn(2, 37, 32)}
     _check_training(model, x)
+    reports, reference = [], _ReferenceBlock(model, APPROX).train()
+    torch._dynamo.reset()
+    model.zero_grad()
+    torch.compile(model, backend=_rewrite_only(APPROX, reports))(**x).square().mean().backward()
+    reference(**x).square().mean().backward()
+    assert reports[0].num_rewritten == 1
+    for (name, p), (_, r) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
@@ -172,6 +216,8 @@ def test_hf_backend_dga_matrix(arch, impl, padded, record_property):
             else:
                 assert torch.isfinite(got).all()
                 record_property("rel_err_default", float((got - want).norm() / want.norm()))
+                reference = _first(_tiny(arch, register_reference(APPROX))(**x))
+                torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -235,6 +281,7 @@ def test_hf_dynamic_shapes_runtime_scale(arch, impl):
     sites = [s for r in reports for s in r.sites]
     assert sum(s.rewritten for s in sites) == LAYERS and all("scale:runtime" in s.tags for s in sites)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _check_against_reference(arch, impl, x, dynamic=True)
 
 
 def test_hf_negatives_stay_dense_and_reported():
@@ -293,3 +340,50 @@ def test_dense_layers_option_keeps_those_sites_dense():
     assert fn(q, k, v).shape == (1, 2, 40, 8)
     sites = last_report().sites
     assert [s.rewritten for s in sites] == [False, True] and "dense_layers=(0,)" in sites[0].reason
+
+
+# ------------------------------------------------------------------ one site policy for every entry point
+
+def _hybrid(arch: str, impl: str) -> torch.nn.Module:
+    """4 layers: 0 and 2 sliding-window (16 keys), 1 and 3 global; GQA."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, attn_implementation=impl, sliding_window=16,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    build = {"gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**common, head_dim=8)),
+             "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**common, use_sliding_window=True))}
+    return build[arch]().eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", pytest.param("qwen2", marks=pytest.mark.slow)])
+def test_every_entry_point_decides_the_same_per_layer(arch, monkeypatch):
+    """backend="dga", rewrite(), ONNX export (its prepare: trace + rewrite) and register() keep the
+    same layers dense for the same reasons: the sliding-window layers (their 16-key window leaves
+    DGA less than min_saving) and the layer in dense_layers. torch.compile(backend="dga") used
+    to rewrite the sliding layers while register() did not know about windows at all."""
+    from dga_compile.integrations.transformers import last_report as hf_report, register
+    from dga_compile.onnx.export import prepare
+
+    cfg = DGAConfig(min_seq_len=0, group_size=4, window=4, num_probe=8, dense_layers=(3,))
+    x = _inputs("llama", padded=True)
+    window = "the mask limits each query to a sliding window of 16 keys: DGA would attend ≈85% of them, " \
+             "saving less than min_saving=0.25"
+    want = [(0, False, window), (1, True, ""), (2, False, window),
+            (3, False, "attention site 3 is in DGAConfig.dense_layers=(3,): kept dense")]
+    decisions = {}
+    # backend="dga" with Inductor replaced by the graph itself: only the decisions are under test
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", lambda gm, example_inputs, **kw: gm.forward)
+    torch._dynamo.reset()
+    last_report(reset=True)
+    model = _hybrid(arch, "sdpa")
+    with torch.no_grad():
+        torch.compile(model, backend=dga_compile.backend(cfg))(**x)
+    decisions["backend"] = last_report().sites
+    decisions["rewrite"] = dga_compile.rewrite(torch.export.export(model, (), dict(x, use_cache=False)), cfg)[1].sites
+    decisions["onnx"] = prepare(model, (), dict(x, use_cache=False), cfg)[1].sites
+    with torch.no_grad():
+        _hybrid(arch, register(cfg, name="dga-hybrid"))(**x)
+    decisions["register"] = hf_report("dga-hybrid").sites
+    for entry, sites in decisions.items():
+        got = [(s.position, s.rewritten, "" if s.rewritten else s.reason) for s in sites]
+        assert got == want, f"{entry}: {got}"

@@ -209,8 +209,8 @@ Q, K, V = qkv(1, 4, 2, 8, 8, 4, torch.float32)
     pytest.param(dict(dropout_p=float("nan")), ValueError, ["dropout_p must be in [0, 1)", "nan"], id="dropout_p-nan"),
     pytest.param(dict(scale="x"), TypeError, ["scale must be a float or None", "'x'"], id="scale-str"),
     pytest.param(dict(scale=float("inf")), ValueError, ["scale must be a positive finite", "inf"], id="scale-inf"),
-    pytest.param(dict(config={}), TypeError, ["config must be a DGAConfig, got dict"], id="config-dict"),
-    pytest.param(dict(config="fast"), TypeError, ["config must be a DGAConfig, got str"], id="config-str"),
+    pytest.param(dict(config={}), TypeError, ["config must be a DGAConfig or None, got dict"], id="config-dict"),
+    pytest.param(dict(config="fast"), TypeError, ["config must be a DGAConfig or None, got str"], id="config-str"),
     pytest.param(dict(query=Q[..., :0], key=K[..., :0], value=V), ValueError, ["head dim D is 0", "(1, 4, 8, 0)"],
                  id="head-dim-0"),
     pytest.param(dict(value=V[..., :0]), ValueError, ["value head dim Dv is 0"], id="value-head-dim-0"),
@@ -227,7 +227,7 @@ def test_bad_arguments_raise_like_sdpa(kwargs, error, parts):
 
 @pytest.mark.parametrize("fn", [reference_attention, blocked_attention], ids=["reference", "blocked"])
 def test_implementations_reject_a_config_that_is_not_one(fn):
-    with pytest.raises(TypeError, match="config must be a DGAConfig, got dict"):
+    with pytest.raises(TypeError, match="config must be a DGAConfig or None, got dict"):
         fn(Q, K, V, None, False, None, {})
 
 

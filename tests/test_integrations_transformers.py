@@ -1,4 +1,9 @@
-"""`attn_implementation="dga"` in Hugging Face transformers, on tiny random models."""
+"""`attn_implementation="dga"` in Hugging Face transformers, on tiny random models.
+
+At γ = 1 the HF glue must equal SDPA; at γ < 1 (``ACTIVE``) it must equal the same model run
+with `hf_reference.register_reference` (the spec on each layer's own q / k / v, none of the
+glue), which a dropped causal flag, mask or GQA grouping would not.
+"""
 
 import pytest
 import torch
@@ -6,7 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from dga_compile import DGAConfig  # noqa: E402
-from dga_compile.integrations.transformers import register, register_attention  # noqa: E402
+from dga_compile.integrations.transformers import last_report, register, register_attention  # noqa: E402
+from dga_compile import policy  # noqa: E402
+from hf_reference import register_reference  # noqa: E402
 
 EXACT = DGAConfig(group_size=1, min_seq_len=0)
 ACTIVE = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=0, min_seq_len=0)
@@ -29,6 +36,16 @@ def _logits(model, ids, mask=None):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
+def _check_against_reference(kind, ids, mask=None):
+    """register(ACTIVE) equals the reference model, and both differ from SDPA by far more than the tolerance."""
+    got = _logits(_tiny(kind, register(ACTIVE, name="dga-test-active")), ids, mask)
+    want = _logits(_tiny(kind, register_reference(ACTIVE)), ids, mask)
+    dense = _logits(_tiny(kind, "sdpa"), ids, mask)
+    rows = slice(None) if mask is None else mask.bool()  # padding query rows are left out
+    torch.testing.assert_close(got[rows], want[rows], rtol=1e-4, atol=1e-5)
+    assert (want - dense)[rows].abs().max() > 1e-3, "DGA equals dense here: the comparison cannot fail"
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral-sw8"])
 def test_exact_config_equals_sdpa(kind):
     """γ = 1 makes DGA dense: the HF glue (GQA, causal flag, sliding-window mask) must match SDPA."""
@@ -37,6 +54,8 @@ def test_exact_config_equals_sdpa(kind):
     want = _logits(_tiny(kind, "sdpa"), ids)
     got = _logits(_tiny(kind, name), ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if kind != "mistral-sw8":  # the 8-key window layers stay dense (test_sliding_layers_follow_the_policy)
+        _check_against_reference(kind, ids)
 
 
 def test_padding_mask_equals_sdpa():
@@ -48,6 +67,7 @@ def test_padding_mask_equals_sdpa():
     got = _logits(_tiny("llama", name), ids, mask)
     torch.testing.assert_close(got[1, 5:], want[1, 5:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    _check_against_reference("llama", ids, mask)
 
 
 def test_active_config_changes_logits_and_sliding_mask_arrives():
@@ -98,3 +118,31 @@ def test_dense_layers_run_sdpa():
     one = _logits(_tiny("llama", register(ACTIVE.replace(dense_layers=(1,)), name="dga-test-d1")), ids)
     none = _logits(_tiny("llama", register(ACTIVE, name="dga-test-active")), ids)
     assert (one - want).abs().max() > 1e-4 and (one - none).abs().max() > 1e-4
+
+
+def test_sliding_layers_follow_the_policy():
+    """An 8-key sliding window leaves DGA less than min_saving to save: those layers run SDPA,
+    and last_report says why, as the rewrite of a traced graph would."""
+    ids = torch.randint(0, 97, (1, 40))
+    got = _logits(_tiny("mistral-sw8", register(ACTIVE, name="dga-test-sw")), ids)
+    torch.testing.assert_close(got, _logits(_tiny("mistral-sw8", "sdpa"), ids), rtol=1e-5, atol=1e-5)
+    sites = last_report("dga-test-sw").sites
+    assert [s.position for s in sites] == [0, 1] and not any(s.rewritten for s in sites)
+    assert all(s.reason == policy.decide(policy.SiteFacts(window=8, nk=40), ACTIVE).reason for s in sites)
+    assert "sliding window of 8 keys" in sites[0].reason
+
+
+def test_output_attentions_returns_dense_weights_with_a_warning():
+    """output_attentions=True returned empty attentions silently: it now returns eager attention's
+    weights (and output), warns that DGA was not used for the call, and reports why."""
+    ids = torch.randint(0, 97, (2, 23))
+    name = register(ACTIVE, name="dga-test-weights")
+    with torch.no_grad(), pytest.warns(UserWarning, match="DGA was not used for this call"):
+        got = _tiny("llama", name)(input_ids=ids, output_attentions=True)
+    with torch.no_grad():
+        want = _tiny("llama", "eager")(input_ids=ids, output_attentions=True)
+    assert len(got.attentions) == 2
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    assert all("other users" in s.reason for s in last_report(name).sites)

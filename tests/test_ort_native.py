@@ -7,18 +7,24 @@ output buffer is bound pre-filled with NaN, so a row the kernel forgets to write
 import ctypes
 import math
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper
 
-ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper  # noqa: E402
+from dga_compile.config import DGAConfig
+from dga_compile.errors import NativeBuildError
+from dga_compile.onnx import DOMAIN, OP_TYPE, native
+from dga_compile.onnx._schema import node_attributes
+from dga_compile.reference import reference_attention
 
-from dga_compile.config import DGAConfig  # noqa: E402
-from dga_compile.errors import NativeBuildError  # noqa: E402
-from dga_compile.onnx import DOMAIN, OP_TYPE, native  # noqa: E402
-from dga_compile.reference import reference_attention  # noqa: E402
+from _onnx_models import run_poisoned
 
 ATOL = RTOL = 1e-4
 
@@ -50,12 +56,6 @@ def _model(with_mask: bool, attrs: dict, elem=TensorProto.FLOAT) -> bytes:
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
-def _attrs(cfg: DGAConfig, is_causal: bool, scale: float) -> dict:
-    return dict(focus_ratio=cfg.focus_ratio, group_size=cfg.group_size, num_probe=cfg.num_probe,
-                window=cfg.window, group_bias=cfg.group_bias, min_seq_len=cfg.min_seq_len,
-                is_causal=int(is_causal), scale=scale)
-
-
 def _session(library, model: bytes, threads: int = 0, provider: str = "CPUExecutionProvider"):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -63,19 +63,14 @@ def _session(library, model: bytes, threads: int = 0, provider: str = "CPUExecut
     return ort.InferenceSession(model, so, providers=[provider])
 
 
-def _run_native(library, q, k, v, mask, cfg, is_causal, scale, threads=0, provider="CPUExecutionProvider"):
-    """The op's output as a tensor (inputs and output bound in host memory)."""
-    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, scale)), threads, provider)
-    feeds = dict(q=q.numpy(), k=k.numpy(), v=v.numpy())
-    if mask is not None:
-        feeds["attn_mask"] = mask.numpy()
-    out = np.full((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), np.nan, dtype=np.float32)  # poison
-    io = sess.io_binding()
-    for name, arr in feeds.items():
-        io.bind_cpu_input(name, arr)
-    io.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-    sess.run_with_iobinding(io)
-    return torch.from_numpy(out)
+def _run_native(library, q, k, v, mask, cfg, is_causal, scale, threads=0, provider="CPUExecutionProvider",
+                attributes=None):
+    """The op's output as a tensor (inputs and a NaN-poisoned output bound in host memory);
+    ``attributes`` replaces the node's attributes."""
+    attrs = node_attributes(cfg, is_causal, scale) if attributes is None else attributes
+    sess = _session(library, _model(mask is not None, attrs), threads, provider)
+    feeds = dict(q=q.numpy(), k=k.numpy(), v=v.numpy()) | ({} if mask is None else {"attn_mask": mask.numpy()})
+    return torch.from_numpy(run_poisoned(sess, feeds, (*q.shape[:3], v.shape[3])))
 
 
 def _inputs(B, Hq, Hkv, Nq, Nk, D, Dv, seed=0):
@@ -194,9 +189,60 @@ def test_native_other_dtypes(library, is_causal, mask_kind, elem, dtype, tol):
     q, k, v = (t.to(dtype) for t in _inputs(2, 2, 2, 203, 203, 32, 32, seed=11))
     mask = _mask(mask_kind, 2, 2, 203)
     ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=0.2, config=cfg).float()
-    sess = _session(library, _model(mask is not None, _attrs(cfg, is_causal, 0.2), elem))
+    sess = _session(library, _model(mask is not None, node_attributes(cfg, is_causal, 0.2), elem))
     feeds = {n: t.float().numpy() for n, t in zip("qkv", (q, k, v))} | ({} if mask is None else {"attn_mask": mask.numpy()})
     torch.testing.assert_close(torch.from_numpy(sess.run(None, feeds)[0]), ref, atol=tol, rtol=tol)
+
+
+def test_native_missing_attributes_take_dgaconfig_defaults(library):
+    """dga::Params' defaults are DGAConfig's: a node with only is_causal and scale computes DGAConfig()
+    (N = 1100 ≥ the default min_seq_len)."""
+    q, k, v = _inputs(1, 2, 2, 1100, 1100, 32, 32, seed=13)
+    out = _run_native(library, q, k, v, None, None, True, 0.2, attributes={"is_causal": 1, "scale": 0.2})
+    torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.2, DGAConfig()), atol=ATOL, rtol=RTOL)
+
+
+def test_native_missing_scale_raises(library):
+    with pytest.raises(Exception, match=r"scale attribute is required"):
+        _session(library, _model(False, {"is_causal": 1})).run(None, {n: np.zeros((1, 1, 4, 8), np.float32) for n in "qkv"})
+
+
+_WORK_ITEM_FAILS = textwrap.dedent("""
+    import resource, sys
+    import numpy as np, onnxruntime as ort
+    from onnx import TensorProto, helper
+    from dga_compile.config import DGAConfig
+    from dga_compile.onnx import DOMAIN, OP_TYPE
+    from dga_compile.onnx._schema import node_attributes
+    node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["out"], domain=DOMAIN,
+                            **node_attributes(DGAConfig(min_seq_len=0), True, 0.1))
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([node], "g", [vi(n) for n in "qkv"], [vi("out")]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.register_custom_ops_library(sys.argv[1])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    q, k = (np.ones((1, 2, 4096, 2048), np.float32) for _ in range(2))
+    v = np.ones((1, 2, 4096, 16), np.float32)
+    # Address space for the output but not for the per-head key panels a work item builds.
+    used = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (used + 8 * 2**20, resource.RLIM_INFINITY))
+    try:
+        sess.run(None, dict(q=q, k=k, v=v))
+        print("no error")
+    except Exception as e:
+        print("error:", e)
+""")
+
+
+def test_native_work_item_exception_is_an_ort_error(library):
+    """Regression: a work item that throws on ORT's intra-op pool (here std::bad_alloc) made the run
+    hang or terminate; it must reach the caller as an ONNX Runtime error. In a child process."""
+    proc = subprocess.run([sys.executable, "-c", _WORK_ITEM_FAILS, str(library)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "error:" in proc.stdout and "bad_alloc" in proc.stdout, proc.stdout
 
 
 def test_native_threads_agree(library):
@@ -209,7 +255,7 @@ def test_native_threads_agree(library):
 
 
 def test_native_bad_shapes_raise_clearly(library):
-    sess = _session(library, _model(False, _attrs(DGAConfig(), True, 0.125)))
+    sess = _session(library, _model(False, node_attributes(DGAConfig(), True, 0.125)))
     q = np.zeros((1, 2, 8, 16), np.float32)
     with pytest.raises(Exception, match=r"Hq=3 is not a multiple of Hkv=2"):
         sess.run(None, dict(q=np.zeros((1, 3, 8, 16), np.float32), k=q, v=q))
@@ -218,7 +264,7 @@ def test_native_bad_shapes_raise_clearly(library):
 
 
 def test_native_bad_attribute_raises(library):
-    attrs = _attrs(DGAConfig(), True, 0.125) | {"group_size": 0}
+    attrs = node_attributes(DGAConfig(), True, 0.125) | {"group_size": 0}
     with pytest.raises(Exception, match=r"group_size=0 >= 1"):
         _session(library, _model(False, attrs)).run(None, {n: np.zeros((1, 1, 4, 8), np.float32) for n in "qkv"})
 

@@ -52,6 +52,14 @@ __device__ float warp_max(float x) {
   return x;
 }
 
+// max(a, b) that propagates NaN (fmaxf drops it): a NaN logit makes its row NaN, as in SDPA.
+__device__ float nan_max(float a, float b) { return a != a || b != b ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
+
+__device__ float warp_nan_max(float x) {
+  for (int o = WARP / 2; o > 0; o /= 2) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
 __device__ float warp_sum(float x) {
   for (int o = WARP / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
@@ -76,7 +84,8 @@ __global__ void future_visible_kernel(Dev P, int64_t s0, int64_t s1, int64_t s2,
   }
 }
 
-// Step 1. grid (rep·r, B·Hkv): score[bg, j] += softmax_j(scale·q[h,p]·k[j] | Visible(p, j)).
+// Step 1. grid (rep·r, B·Hkv): score[bg, j] += softmax_j(scale·q[h,p]·k[j] | Visible(p, j)), a NaN
+// probability counted as 0 (the reference's nan_to_num: the focus choice stays well defined).
 __global__ void scores_kernel(Dev P, const float* q, const float* k, float* score) {
   using Reduce = cub::BlockReduce<float, THREADS>;
   __shared__ typename Reduce::TempStorage tmp;
@@ -101,8 +110,11 @@ __global__ void scores_kernel(Dev P, const float* q, const float* k, float* scor
   if (threadIdx.x == 0) shared = sum;
   __syncthreads();
   sum = shared;
-  for (int64_t j = threadIdx.x; j < P.Nk; j += THREADS)
-    if (visible(P, b, h, i, j)) atomicAdd(score + bg * P.Nk + j, __expf(P.scale * dot(qr, kb + j * P.D, P.D) - mx) / sum);
+  for (int64_t j = threadIdx.x; j < P.Nk; j += THREADS) {
+    if (!visible(P, b, h, i, j)) continue;
+    const float p = __expf(P.scale * dot(qr, kb + j * P.D, P.D) - mx) / sum;
+    if (!isnan(p)) atomicAdd(score + bg * P.Nk + j, p);
+  }
 }
 
 // Step 2. grid (⌈Nk/THREADS⌉, B·Hkv): key j is focus iff fewer than n_f keys rank before it.
@@ -186,7 +198,8 @@ __global__ void complete_kernel(Dev P, const int* nonfocus, unsigned char* compl
   }
 }
 
-// Step 5. grid (⌈Nq/ROWS_PER_BLOCK⌉, B·Hq), one warp per row; dense when !P.dga.
+// Step 5. grid (⌈Nq/ROWS_PER_BLOCK⌉, B·Hq), one warp per row; dense when !P.dga. Non-finite inputs
+// as in SDPA: a NaN logit or value the row sees makes it NaN; a row that sees no key is 0.
 __global__ void attend_kernel(Dev P, const float* q, const float* k, const float* v, const int* focus,
                               const int* nonfocus, const float* kbar, const float* vbar,
                               const unsigned char* complete, float* out) {
@@ -245,7 +258,7 @@ __global__ void attend_kernel(Dev P, const float* q, const float* k, const float
         }
       }
       const float logit = ok ? P.scale * dot(qr, kr, P.D) + bias : NEG_INF;
-      const float new_max = fmaxf(run_max, warp_max(logit));
+      const float new_max = nan_max(run_max, warp_nan_max(logit));  // NaN from here on: the row is NaN
       if (new_max == NEG_INF) continue;
       const float corr = run_max == NEG_INF ? 0.0f : __expf(run_max - new_max);
       const float p = ok ? __expf(logit - new_max) : 0.0f;

@@ -7,10 +7,15 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -37,34 +42,45 @@ inline double shortest_decimal(float x) {
   return std::strtod(buf, nullptr);
 }
 
+// The node's attribute ``name``, or nothing when the node lacks it.
 template <typename T>
-T attribute_or(const OrtKernelInfo* info, const char* name, T fallback) {
+std::optional<T> attribute(const OrtKernelInfo* info, const char* name) {
   try {
     return Ort::ConstKernelInfo(info).GetAttribute<T>(name);
   } catch (const Ort::Exception&) {
-    return fallback;
+    return std::nullopt;
   }
 }
 
-// The node's attributes; a missing one takes DGAConfig's default.
+template <typename T>
+T attribute_or(const OrtKernelInfo* info, const char* name, T fallback) {
+  return attribute<T>(info, name).value_or(fallback);
+}
+
+// The node's attributes (dga_compile/onnx/_schema.py): a missing DGAConfig field takes DGAConfig's
+// default (dga::Params' defaults, tests/test_ort_native.py checks they agree), is_causal 0; scale is required.
 dga::Params read_params(const OrtKernelInfo* info) {
   dga::Params p;
   // The float32 attribute read back as its shortest decimal (0.1f -> 0.1), the Python float γ.
-  p.focus_ratio = shortest_decimal(attribute_or<float>(info, "focus_ratio", 0.1f));
+  p.focus_ratio = shortest_decimal(attribute_or<float>(info, "focus_ratio", static_cast<float>(p.focus_ratio)));
   p.group_size = attribute_or<int64_t>(info, "group_size", p.group_size);
   p.num_probe = attribute_or<int64_t>(info, "num_probe", p.num_probe);
   p.window = attribute_or<int64_t>(info, "window", p.window);
   p.group_bias = attribute_or<float>(info, "group_bias", p.group_bias);
   p.min_seq_len = attribute_or<int64_t>(info, "min_seq_len", p.min_seq_len);
   p.is_causal = attribute_or<int64_t>(info, "is_causal", 0) != 0;
-  p.scale = attribute_or<float>(info, "scale", 0.0f);
+  const std::optional<float> scale = attribute<float>(info, "scale");
+  if (!scale)
+    ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention: the scale attribute is required (the exporter writes it; "
+                      "use 1/sqrt(D) for SDPA's default)", ORT_INVALID_ARGUMENT);
+  p.scale = *scale;
   if (!(p.focus_ratio >= 0.0 && p.focus_ratio <= 1.0) || p.group_size < 1 || p.num_probe < 1 ||
-      p.window < 0 || !(p.group_bias >= 0.0f) || p.min_seq_len < 0)
+      p.window < 0 || !(p.group_bias >= 0.0f && std::isfinite(p.group_bias)) || p.min_seq_len < 0)
     ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention: attributes out of range (focus_ratio=" +
                           std::to_string(p.focus_ratio) + " in [0,1], group_size=" + std::to_string(p.group_size) +
                           " >= 1, num_probe=" + std::to_string(p.num_probe) + " >= 1, window=" +
                           std::to_string(p.window) + " >= 0, group_bias=" + std::to_string(p.group_bias) +
-                          " >= 0, min_seq_len=" + std::to_string(p.min_seq_len) + " >= 0); see DGAConfig",
+                          " finite >= 0, min_seq_len=" + std::to_string(p.min_seq_len) + " >= 0); see DGAConfig",
                       ORT_INVALID_ARGUMENT);
   return p;
 }
@@ -122,6 +138,32 @@ OrtStatusPtr guarded(F&& body) {
   }
 }
 
+// Runs body(i) for i in [0, total) on ORT's intra-op thread pool. An exception must not leave a
+// work item (ORT's pool threads do not expect one: the run hangs or terminates): the first one
+// (e.g. std::bad_alloc) is kept, the remaining items are skipped, and it is rethrown here, in the
+// kernel's thread, where guarded() turns it into an ORT error.
+void parallel_for_on_ort(const Ort::KernelContext& ctx, size_t total, const std::function<void(size_t)>& body) {
+  struct Work {
+    const std::function<void(size_t)>& body;
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+    std::mutex error_mutex;
+  } work{body};
+  auto trampoline = [](void* data, size_t i) {
+    Work& w = *static_cast<Work*>(data);
+    if (w.failed.load(std::memory_order_relaxed)) return;
+    try {
+      w.body(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(w.error_mutex);
+      if (!w.error) w.error = std::current_exception();
+      w.failed = true;
+    }
+  };
+  ctx.ParallelFor(trampoline, total, 0, &work);
+  if (work.error) std::rethrow_exception(work.error);
+}
+
 // The CPU kernel: ORT's intra-op thread pool runs the work items.
 struct Cpu {
   static void run(const Ort::KernelContext& ctx, dga::Problem& pr, const int64_t mask_shape[4], const float* q,
@@ -130,8 +172,7 @@ struct Cpu {
     if (pr.mask != nullptr && mask_shape[0] * mask_shape[1] * mask_shape[2] * mask_shape[3] == 1 && pr.mask[0])
       pr.mask = nullptr;
     dga::ParallelFor parallel_for = [&](size_t total, const std::function<void(size_t)>& body) {
-      auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };
-      ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&body));
+      parallel_for_on_ort(ctx, total, body);
     };
     dga::attention_cpu(pr, dga::window_applies_cpu(pr, mask_shape), q, k, v, out, parallel_for);
   }

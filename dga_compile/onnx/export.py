@@ -7,9 +7,12 @@ so runtimes without the custom-op library inline the function body.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import pathlib
-import tempfile
+import secrets
+import stat
 from typing import TYPE_CHECKING, Optional, Union
 
 import onnx
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["export", "prepare", "trace", "dga_nodes", "OPSET"]
 
+log = logging.getLogger("dga_compile.onnx")
+
 #: ONNX (ai.onnx) opset of exported models; the function body imports the same version.
 OPSET = 18
 _MAX_PROTO_BYTES = 2**31 - 2**26  # beyond this the weights go to an external data file
@@ -40,6 +45,7 @@ def trace(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tup
     the model pins it."""
     if isinstance(model, torch.export.ExportedProgram):
         return model
+    kwargs = _without_kv_cache(model, kwargs)
     auto = lambda t: {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
     shapes = None
     if dynamic:
@@ -47,6 +53,17 @@ def trace(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tup
         shapes = torch.utils._pytree.tree_map(auto, inputs, is_leaf=lambda x: isinstance(x, torch.Tensor))
     with torch.no_grad():
         return torch.export.export(model, tuple(args), dict(kwargs or {}), dynamic_shapes=shapes)
+
+
+def _without_kv_cache(model: torch.nn.Module, kwargs: Optional[dict]) -> Optional[dict]:
+    """``kwargs`` plus ``use_cache=False`` for a model that would return a KV cache (a Hugging Face
+    model whose config has ``use_cache`` on): a cache object is no ONNX output. Logged."""
+    wants_cache = getattr(getattr(model, "config", None), "use_cache", False)
+    if not wants_cache or "use_cache" in (kwargs or {}) or "use_cache" not in inspect.signature(model.forward).parameters:
+        return kwargs
+    log.info("dga: tracing %s with use_cache=False: the ONNX model returns no KV cache (pass use_cache "
+             "yourself to override)", type(model).__name__)
+    return {**(kwargs or {}), "use_cache": False}
 
 
 def prepare(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple, kwargs: Optional[dict] = None,
@@ -82,11 +99,21 @@ def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tu
         The path written. The ONNX opset is `OPSET`; the custom domain is ``ai.dga`` version 1.
     """
     program, _ = prepare(model, args, kwargs, config, dynamic)
+    _check_no_dropout(program)
     register_schema()
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                      custom_translation_table={torch.ops.dga.attention.default: _translate})
     proto = with_function(onnx_program.model_proto)
     return _save_atomic(proto, pathlib.Path(path), check)
+
+
+def _check_no_dropout(program: torch.export.ExportedProgram) -> None:
+    """Attention dropout has no ONNX form: a traced ``dropout_p > 0`` means the model was in training mode."""
+    for node in dga_nodes(program):
+        dropout_p = OpCall.parse(node.args).dropout_p
+        if dropout_p:
+            raise ValueError(f"cannot export attention site {node.name} with dropout_p={dropout_p}: the model was "
+                             f"traced in training mode; call model.eval() before exporting")
 
 
 def with_function(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -108,9 +135,7 @@ def _translate(*args):
     from onnxscript import opset18 as op
 
     call = OpCall.parse(args)
-    attn_mask, dropout_p = call.attn_mask, call.dropout_p
-    if dropout_p:
-        raise ValueError(f"dga.attention with dropout_p={dropout_p} cannot be exported; put the model in eval() mode")
+    attn_mask = call.attn_mask
     if attn_mask is None:
         # no mask: an all-true [1, 1, 1, 1] (the function body takes the mask as a required input)
         mask = op.Reshape(op.Cast(op.Constant(value_ints=[1]), to=onnx.TensorProto.BOOL), op.Constant(value_ints=[1, 1, 1, 1]))
@@ -125,17 +150,20 @@ def _translate(*args):
 
 def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path, check: bool) -> pathlib.Path:
     """Writes ``proto`` to a temp file beside ``path``, checks the file (by path: models over
-    2 GiB keep their weights in ``path.name + ".data"``), and renames it into place."""
+    2 GiB keep their weights in ``path.name + ".data"``), and renames it into place. The file gets
+    the mode of the file it replaces, else the umask's (as ``open`` would create it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
     try:
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         external = proto.ByteSize() > _MAX_PROTO_BYTES
         onnx.save_model(proto, tmp, save_as_external_data=external, location=path.name + ".data")
         if check:
             onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

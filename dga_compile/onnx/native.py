@@ -19,28 +19,32 @@ import shutil
 import sys
 from typing import Optional
 
-from .._tools import debian_package
-from .._cxx import CSRC, CXXFLAGS, REPO, compiler, run, staged, up_to_date
 from ..errors import CLIError, NativeBuildError
 
 __all__ = ["library_path", "build_library", "header_dir", "check_api_version", "register_library", "add_parser"]
 
-_SOURCES = (CSRC / "ort", CSRC / "core")
-_CACHE = REPO / ".cache" / "ort-headers"
-_LIBRARY = REPO / "build" / "ort" / "libdga_ort.so"
 _HEADERS_DEB = "libonnxruntime-dev"
-_CXXFLAGS = ["-std=c++17", *CXXFLAGS]
+
+
+def _build_path() -> pathlib.Path:
+    """Where `build_library` puts the library (the build tooling is imported here, not at import)."""
+    from .._cxx import REPO
+
+    return REPO / "build" / "ort" / "libdga_ort.so"
 
 
 def library_path() -> Optional[pathlib.Path]:
     """The built library (``$DGA_ORT_LIBRARY`` if set), or None when it has not been built."""
-    path = pathlib.Path(os.environ.get("DGA_ORT_LIBRARY", _LIBRARY))
+    path = pathlib.Path(os.environ.get("DGA_ORT_LIBRARY") or _build_path())
     return path if path.is_file() else None
 
 
 def header_dir(include_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
     """The directory holding ``onnxruntime_cxx_api.h``: ``include_dir``, ``$ORT_INCLUDE_DIR``,
     the cache, or freshly fetched headers (needs apt's network access once)."""
+    from .._cxx import REPO
+    from .._tools import debian_package
+
     given = include_dir or os.environ.get("ORT_INCLUDE_DIR")
     if given:
         path = pathlib.Path(given)
@@ -48,9 +52,10 @@ def header_dir(include_dir: Optional[str | os.PathLike] = None) -> pathlib.Path:
             raise NativeBuildError(f"{path} has no onnxruntime_cxx_api.h; point ORT_INCLUDE_DIR (or "
                                    f"--include-dir) at the directory holding ONNX Runtime's C/C++ headers")
         return path
-    cached = _CACHE / "usr" / "include" / "onnxruntime"
+    cache = REPO / ".cache" / "ort-headers"
+    cached = cache / "usr" / "include" / "onnxruntime"
     if not (cached / "onnxruntime_cxx_api.h").is_file():
-        debian_package(_HEADERS_DEB, _CACHE, NativeBuildError)
+        debian_package(_HEADERS_DEB, cache, NativeBuildError)
     return cached
 
 
@@ -65,24 +70,27 @@ def build_library(include_dir: Optional[str | os.PathLike] = None, force: bool =
     Skips the build when the library is newer than every source, unless ``force``. Fetches the
     headers first if needed. Raises `NativeBuildError` with the reason on failure.
     """
-    if not force and up_to_date(_LIBRARY, _SOURCES):
-        return _LIBRARY
+    from .._cxx import CSRC, CXXFLAGS, compiler, run, staged, up_to_date
+
+    library, flags = _build_path(), ["-std=c++17", *CXXFLAGS]
+    if not force and up_to_date(library, (CSRC / "ort", CSRC / "core")):
+        return library
     cxx = compiler()
     include = header_dir(include_dir)
-    with staged(_LIBRARY) as target:
+    with staged(library) as target:
         cxx_sources = [str(CSRC / "ort" / "dga_op.cc"), str(CSRC / "core" / "dga_cpu.cc")]
         nvcc = _nvcc()
         if nvcc is None:
-            run([cxx, *_CXXFLAGS, "-shared", f"-I{include}", *cxx_sources, "-o", str(target)],
+            run([cxx, *flags, "-shared", f"-I{include}", *cxx_sources, "-o", str(target)],
                 f"{cxx} (custom-op library)")
         else:  # nvcc links, so that it finds its static CUDA runtime; nothing needs libcudart.so at load
             objects = [str(target.with_name(name)) for name in ("dga_op.o", "dga_cpu.o", "dga_cuda.o")]
             for src, obj in zip(cxx_sources, objects):
-                run([cxx, *_CXXFLAGS, "-DDGA_WITH_CUDA", f"-I{include}", "-c", src, "-o", obj], f"{cxx} {src}")
+                run([cxx, *flags, "-DDGA_WITH_CUDA", f"-I{include}", "-c", src, "-o", obj], f"{cxx} {src}")
             run([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CSRC / 'core'}", "-c",
                  str(CSRC / "ort" / "dga_cuda.cu"), "-o", objects[2]], "nvcc (CUDA kernel)")
             run([nvcc, "-shared", "-cudart", "static", *objects, "-o", str(target)], "nvcc (link)")
-    return _LIBRARY
+    return library
 
 
 def check_api_version(library: str | os.PathLike, runtime_version: Optional[str] = None) -> int:
@@ -112,7 +120,7 @@ def register_library(session_options) -> pathlib.Path:
     """
     path = library_path()
     if path is None:
-        raise FileNotFoundError(f"the ai.dga custom-op library is not built ({_LIBRARY} is missing); "
+        raise FileNotFoundError(f"the ai.dga custom-op library is not built ({_build_path()} is missing); "
                                 f"run `dga-compile build-ort-op` or `python -m dga_compile.onnx.native --build`")
     check_api_version(path)
     session_options.register_custom_ops_library(str(path))
