@@ -24,7 +24,7 @@ from torch import Tensor
 from ._blocked_fast import fast_attention, fast_path_applies
 from ._validation import causal_like, dga_applies, mask_4d, validate_config, visible_rows
 from .config import DGAConfig
-from .reference import dense_attention, softmax_rows
+from .reference import dense_attention
 from .selection import (Selection, aggregate_groups, block_expansion, focus_split, gather_rows, group_mass, select,
                         working_dtype)
 
@@ -162,70 +162,72 @@ class _Block(NamedTuple):
 
 
 class _Expansion(NamedTuple):
-    """Step 5′ of one block: step 5's logits ``dots`` [B, Hkv, rep, b, L] over the gathered
-    candidates (keys, values, ``ok``), ``is_group`` [L] (1.0 on group columns), the groups
-    ``complete`` for each row [B, Hkv, rep, b, G'], E ``expand`` [B, Hkv, rep, G'] (empty where
-    dense) and ``dense`` [B, Hkv, rep]."""
+    """Step 5′ of one block over its gathered candidates (keys, values [B, Hkv, rep, L, D], ``ok``
+    [B, Hkv, rep, b, L]): the groups ``complete`` for each row [B, Hkv, rep, b, G'], E
+    ``expand`` [B, Hkv, rep, G'] (empty where dense) and ``dense`` [B, Hkv, rep]."""
 
-    dots: Tensor
     keys: Tensor
     values: Tensor
     ok: Tensor
-    is_group: Tensor
     complete: Tensor
     expand: Tensor
     dense: Tensor
 
 
+def _group_columns(c: _Candidates, length: int, value: float, like: Tensor) -> Tensor:
+    """[length]: ``value`` on the group columns of the candidates, 0 elsewhere."""
+    bias = like.new_zeros(length)
+    bias[c.n_focus:c.n_focus + c.n_group] = value
+    return bias
+
+
 def _expansion(qb: Tensor, sel: Selection, c: _Candidates, cfg: DGAConfig, scale: float) -> _Expansion:
     """Step 5′'s choice for one block of ``cfg.query_block`` rows, qb [B, Hkv, rep, b, D]: the
-    estimate reuses step 5's logits (βe on the group columns); no gradient flows through E."""
+    estimate is step 5's logits over the candidates with βe on the group columns; no gradient
+    flows through E."""
     B, Hkv, rep, b, D = qb.shape
-    n_f, n_g = c.n_focus, c.n_group
     keys, values, ok = _gathered(sel, c, rep)
-    dots = scale * qb @ keys.transpose(-1, -2)
-    is_group = torch.zeros(ok.shape[-1], dtype=dots.dtype, device=qb.device)
-    is_group[n_f:n_f + n_g] = 1.0
-    complete = c.group_ok.expand(B, Hkv, rep, b, n_g)
+    complete = c.group_ok.expand(B, Hkv, rep, b, c.n_group)
     with torch.no_grad():
-        estimate = torch.where(ok, dots + is_group * (cfg.expand_bias * math.log(cfg.group_size)), float("-inf"))
-        expand, dense = block_expansion(group_mass(estimate, n_f, n_g), complete, cfg)
-    return _Expansion(dots, keys, values, ok, is_group, complete, expand & ~dense[..., None], dense)
+        bias = _group_columns(c, ok.shape[-1], cfg.expand_bias * math.log(cfg.group_size), qb)
+        estimate = torch.where(ok, scale * qb @ keys.transpose(-1, -2) + bias, float("-inf"))
+        expand, dense = block_expansion(group_mass(estimate, c.n_focus, c.n_group), complete, cfg)
+    return _Expansion(keys, values, ok, complete, expand & ~dense[..., None], dense)
 
 
 def _expanding_block(qb: Tensor, sel: Selection, blk: _Block, cfg: DGAConfig, dropout_p: float,
                      scale: float) -> Tensor:
     """Steps 5′ and 5 for one query block: qb [B, Hkv, rep, b, D] -> [B, Hkv, rep, b, Dv]. The
     members of the expanded groups are gathered from the non-focus order (each group one run of
-    m); a dense (block, head) attends to every visible key."""
+    m) and join the candidates in one fused attention call; a dense (block, head) attends to
+    every visible key."""
     B, Hkv, rep, b, D = qb.shape
-    m, log_m = cfg.group_size, math.log(cfg.group_size)
-    n_f, n_g = blk.cand.n_focus, blk.cand.n_group
-    x = _expansion(qb, sel, blk.cand, cfg, scale)
+    m, c = cfg.group_size, blk.cand
+    x = _expansion(qb, sel, c, cfg, scale)
     with torch.no_grad():
-        union = x.expand.any(2)                                                        # [B, Hkv, n_g]
-        n_e = int(union.sum(-1).max()) if n_g else 0
+        union = x.expand.any(2)                                                        # [B, Hkv, G']
+        n_e = int(union.sum(-1).max()) if c.n_group else 0
         groups = (~union).to(torch.uint8).argsort(dim=-1, stable=True)[..., :n_e]    # expanded first
         per_q = groups[:, :, None, :].expand(-1, -1, rep, -1)
         member_ok = (x.expand.gather(-1, per_q)[..., None, :] & x.complete.gather(-1, per_q[..., None, :].expand(
             -1, -1, -1, b, -1))).repeat_interleave(m, -1)                              # [B, Hkv, rep, b, n_e·m]
         members = (groups[..., None] * m + torch.arange(m, device=qb.device)).flatten(-2)   # non-focus order
-        merged = x.ok.clone()
-        merged[..., n_f:n_f + n_g] &= ~x.expand[..., None, :]
-    km, vm = gather_rows(sel.kn, members), gather_rows(sel.vn, members)
-    logits = torch.cat([torch.where(merged, x.dots + x.is_group * (cfg.group_bias * log_m), float("-inf")),
-                        torch.where(member_ok, scale * qb @ _per_q(km, rep).transpose(-1, -2), float("-inf"))], -1)
-    probs = _dropout(softmax_rows(logits), dropout_p)
-    L = x.keys.shape[3]
-    out = probs[..., :L] @ x.values + probs[..., L:] @ _per_q(vm, rep)
+        ok = torch.cat([x.ok, member_ok], -1)
+        ok[..., c.n_focus:c.n_focus + c.n_group] &= ~x.expand[..., None, :]
+        bias = _group_columns(c, ok.shape[-1], cfg.group_bias * math.log(m), qb)
+        mask = torch.where(ok, bias, float("-inf"))
+    keys = torch.cat([x.keys, _per_q(gather_rows(sel.kn, members), rep)], 3)
+    values = torch.cat([x.values, _per_q(gather_rows(sel.vn, members), rep)], 3)
+    flat = lambda t: t.reshape(B * Hkv, rep, *t.shape[3:])
+    out = F.scaled_dot_product_attention(flat(qb), flat(keys), flat(values), attn_mask=flat(mask),
+                                         dropout_p=dropout_p, scale=scale).view(B, Hkv, rep, b, -1)
     if not bool(x.dense.any()):
         return out
     at = x.dense.nonzero(as_tuple=True)                                                # (batch, kv head, rep)
-    dense_logits = scale * qb[at] @ blk.k[at[:2]].transpose(-1, -2)                    # [n_dense, b, n]
-    if blk.vis is not None:
-        vis = blk.vis.expand(B, Hkv * rep, b, blk.k.shape[2]).reshape(B, Hkv, rep, b, -1)[at]
-        dense_logits = dense_logits.masked_fill(~vis, float("-inf"))
-    return out.index_put(at, _dropout(softmax_rows(dense_logits), dropout_p) @ blk.v[at[:2]])
+    vis = None if blk.vis is None else blk.vis.expand(B, Hkv * rep, b, blk.k.shape[2]).reshape(B, Hkv, rep, b, -1)[at]
+    dense = F.scaled_dot_product_attention(qb[at], blk.k[at[:2]], blk.v[at[:2]], attn_mask=vis, dropout_p=dropout_p,
+                                           scale=scale)
+    return out.index_put(at, dense)
 
 
 def _blocks(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, sel: Selection,
@@ -272,10 +274,6 @@ def expanded_counts(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
             chosen = x.complete & (x.expand[..., None, :] | x.dense[..., None, None])
             counts[:, :, blk.i0:blk.i1] = chosen.sum(-1).view(B, Hq, -1)
     return counts
-
-
-def _dropout(probs: Tensor, p: float) -> Tensor:
-    return F.dropout(probs, p) if p else probs
 
 
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,

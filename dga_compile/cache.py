@@ -3,7 +3,7 @@
     from dga_compile import DGACache, DGAConfig
     from dga_compile.integrations.transformers import register
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register(DGAConfig()))
-    out = model.generate(ids, past_key_values=DGACache(DGAConfig(), model.config), max_new_tokens=64)
+    out = model.generate(ids, cache=DGACache(DGAConfig(), model.config), max_new_tokens=64)
 
 What a layer holds and what a decode query attends to is defined in docs/dga.md ("Decoding") and
 in code by `dga_compile.decode_reference`; this module is the incremental form of it. Per layer,
@@ -335,7 +335,7 @@ class DGACache(Cache):
             Without it every layer is a DGA layer (a sliding-window layer then raises).
 
     Use with a model whose attention drives it (`dga_compile.integrations.transformers.register`),
-    e.g. ``model.generate(ids, past_key_values=DGACache(cfg, model.config))``. Greedy, sampling,
+    e.g. ``model.generate(ids, cache=DGACache(cfg, model.config))``. Greedy, sampling,
     beam search (`reorder_cache`), streaming and stopping criteria work as with `DynamicCache`;
     cropping (assisted decoding) raises.
     """

@@ -20,10 +20,10 @@ from ._validation import causal_like, dga_applies, mask_4d, validate_config, vis
 from .config import DGAConfig
 from .selection import aggregate_groups, block_expansion, complete_groups, focus_split, group_mass, working_dtype
 
-__all__ = ["dense_attention", "reference_attention", "softmax_rows"]
+__all__ = ["dense_attention", "reference_attention"]
 
 
-def softmax_rows(logits: Tensor) -> Tensor:
+def _softmax_rows(logits: Tensor) -> Tensor:
     """Softmax over the last dim; as in SDPA, a row whose logits are all −inf (no candidate) gives
     0, and a row holding a NaN or +inf logit gives NaN."""
     return logits.softmax(-1).masked_fill((logits == float("-inf")).all(-1, keepdim=True), 0.0)
@@ -49,7 +49,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     kh, vh = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     logits = scale * q @ kh.transpose(-1, -2)                                     # [B, Hq, Nq, Nk]
     if not dga_applies(Nq, Nk, cfg.min_seq_len):
-        probs = softmax_rows(logits.masked_fill(~vis_full, float("-inf")))
+        probs = _softmax_rows(logits.masked_fill(~vis_full, float("-inf")))
         return (_dropout(probs, dropout_p) @ vh).to(out_dtype)
 
     m = cfg.group_size
@@ -87,7 +87,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
             expand, dense = block_expansion(mass[:, :, i0:i1], rows, cfg)
             expanded[:, :, i0:i1] = rows & (expand[:, :, None, :] | dense[:, :, None, None])
         complete = complete & ~expanded
-    probs = _dropout(softmax_rows(candidates(complete, cfg.group_bias * math.log(m))), dropout_p)    # 5
+    probs = _dropout(_softmax_rows(candidates(complete, cfg.group_bias * math.log(m))), dropout_p)    # 5
     return (probs[..., :Nk] @ vh + probs[..., Nk:] @ grp.values).to(out_dtype)
 
 

@@ -8,14 +8,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_eval import TEXT, tiny_llama  # noqa: E402,F401  (the tiny model fixture)
+from _eval_models import TEXT  # noqa: E402
 
 from decode_cases import SMALL  # noqa: E402
 from dga_compile.eval.cli import main as eval_main  # noqa: E402
 from dga_compile.eval.decode import evaluate_decode, snapkv_scores  # noqa: E402
 
 
-def test_decode_eval_rows_and_budgets(tiny_llama):  # noqa: F811
+def test_decode_eval_rows_and_budgets(tiny_llama):
     res = evaluate_decode(tiny_llama, TEXT, seq_len=80, continuation=12, greedy=6, config=SMALL, passkey_depths=(),
                           progress=False)
     dense, dga, snap, stream = res.methods
@@ -28,7 +28,7 @@ def test_decode_eval_rows_and_budgets(tiny_llama):  # noqa: F811
     assert all(m.ppl > 1 and math.isfinite(m.ppl) for m in res.methods) and res.passkey == []
 
 
-def test_decode_eval_exact_config_equals_dense(tiny_llama):  # noqa: F811
+def test_decode_eval_exact_config_equals_dense(tiny_llama):
     """m = 1: the DGA row decodes exactly (its cache is larger than dense: every block is a slot)."""
     res = evaluate_decode(tiny_llama, TEXT, seq_len=64, continuation=10, greedy=5, config=SMALL.replace(group_size=1),
                           passkey_depths=(), progress=False)
@@ -36,7 +36,7 @@ def test_decode_eval_exact_config_equals_dense(tiny_llama):  # noqa: F811
     assert dga.ppl == pytest.approx(dense.ppl, rel=1e-5) and dga.agreement == 1.0
 
 
-def test_decode_eval_cli_with_passkey(tiny_llama, tmp_path):  # noqa: F811
+def test_decode_eval_cli_with_passkey(tiny_llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     out = tmp_path / "dec"

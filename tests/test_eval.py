@@ -99,14 +99,6 @@ def test_recent_for_cost_hits_the_streaming_cost():
     assert abs(meter.fraction - 0.3) < 0.01
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return _eval_models.tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return _eval_models.tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def test_evaluate_causal_lm(tiny_llama):

@@ -19,10 +19,6 @@ SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_
 ROOT = pathlib.Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return _eval_models.tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
 
 RUNS = ((SMALL, ("streaming",)), (SMALL.replace(window=4), ()))
 

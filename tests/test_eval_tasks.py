@@ -23,14 +23,6 @@ SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_
 TEXT = _eval_models.TEXT
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return _eval_models.tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma3(tmp_path_factory):
-    return _eval_models.tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from dga_cases import EXPAND, PATHS, SMALL, TOL, check_blocked, make_mask, max_err, qkv, sdpa_golden
 from dga_compile import DGAConfig, dispatch, dynamic_group_attention, reference_attention
-from dga_compile.blocked import expanded_counts
+from dga_compile.blocked import blocked_attention, expanded_counts
 from dga_compile.ops import OpCall
 from dga_compile.selection import (aggregate_groups, block_expansion, focus_split, group_mass, num_focus, split_focus,
                                    tau_sets)
@@ -271,3 +271,22 @@ def test_cpp_and_auto_run_the_kernel_for_step5(caplog):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
     call = OpCall(q, k, v, None, 0.0, None, True, 0.35, EXPAND)
     assert dispatch._cpp_applies(call) is None
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_non_finite_input_expands_the_same_groups_B1_H4_KV2_N70_D8(causal, where):
+    """A NaN at position 20 of kv head 0 / query head 0 (docs/dga.md, "Contract"): rows whose
+    estimate is not finite add nothing to E, so blocked and reference agree wherever both are
+    finite; the rows that see it are NaN in both, the other kv head is finite. (Rows that do
+    not see it may be NaN in one of them: 0·NaN in the reference's dense P·V.)"""
+    q, k, v = qkv(1, 4, 2, 70, 70, 8, seed=8)
+    {"q": q, "k": k, "v": v}[where][0, 0, 20, 1] = float("nan")
+    got = blocked_attention(q, k, v, None, causal, None, EXPAND)
+    want = reference_attention(q, k, v, None, causal, None, EXPAND)
+    # A NaN query: its own row; a NaN key or value: every row that sees it, in both query heads.
+    sees = (0, 20) if where == "q" else (slice(0, 2), slice(20, None) if causal else slice(None))
+    for out in (got, want):
+        assert not out[0][sees].isfinite().all(-1).any() and out[:, 2:].isfinite().all()
+    both = got.isfinite() & want.isfinite()
+    torch.testing.assert_close(got[both], want[both], **TOL[torch.float64])

@@ -69,7 +69,11 @@ class Method:
         c = self.config
         dense = f", layers {','.join(map(str, c.dense_layers))} dense" if c.dense_layers else ""
         if self.kind == "dga":
-            return f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}{dense}"
+            sinks = f" s={c.sinks}" if c.sinks else ""
+            expand = (f" τ={c.expand_mass:g} βe={c.expand_bias:g} b={c.query_block} max={c.expand_max:g}"
+                      if c.expand_mass else "")
+            return (f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
+                    f"{sinks}{expand}{dense}")
         if self.kind == "streaming":
             return f"StreamingLLM {self.sinks} sinks + {self.recent} recent{dense}"
         if self.kind == "topk":
