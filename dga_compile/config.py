@@ -13,8 +13,8 @@ IMPLEMENTATIONS = ("auto", "reference", "blocked", "cpp", "triton")
 
 #: The `DGAConfig` fields the op ``torch.ops.dga.attention`` carries as arguments, in argument
 #: order (`dga_compile.ops.OpCall` builds and parses them); the other fields are rewrite policy.
-OP_FIELDS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "impl", "sinks",
-             "expand_mass", "expand_bias", "query_block", "expand_max")
+OP_FIELDS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "sinks", "expand_mass",
+             "expand_bias", "query_block", "expand_max", "impl")
 
 #: Largest integer an op field may hold: the op's schema types them int64.
 INT64_MAX = 2**63 - 1

@@ -153,6 +153,21 @@ def test_native_cuda_matches_reference(library, B, Hq, Hkv, N, D, Dv, is_causal,
     _check_case(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes, "CUDAExecutionProvider")
 
 
+@pytest.mark.gpu
+def test_native_cuda_refuses_sinks_and_expansion(library):
+    """The CUDA kernel has no sinks or step 5′ yet: a node asking for them fails with NYI, never a
+    different answer."""
+    if not ctypes.CDLL(str(library)).DgaOrtHasCuda():
+        pytest.skip("the library was built without nvcc: no CUDA kernel")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    q, k, v = _inputs(1, 2, 2, 64, 64, 16, 16)
+    for changes in (dict(sinks=4), dict(expand_mass=0.5)):
+        with pytest.raises(Exception, match=r"NYI: sinks=.* expand_mass="):
+            _run_native(library, q, k, v, None, DGAConfig(min_seq_len=0, **changes), True, 0.25,
+                        provider="CUDAExecutionProvider")
+
+
 def _sdpa(q, k, v, mask, is_causal, scale):
     if mask is not None and is_causal:
         mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
