@@ -215,7 +215,7 @@ def main(argv=None):
     _note("model", model_name, str(path))
     _note("text", text_name)
     ev = stage_perplexity(path, text, text_name, args.tokens, cfg)
-    model, ids = ev.model, ev.windows[0]
+    model, ids = ev.model, ev.task.items[0]                       # the window it measured, [1, tokens]
     compiled = None if "compile" in args.skip else stage_compile(model, ids, cfg)
     if "speed" not in args.skip:
         stage_speed(model, ids, cfg, compiled, args.repeats)
