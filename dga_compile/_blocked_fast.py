@@ -23,16 +23,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .config import DGAConfig
 from .selection import Groups
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: float) -> bool:
-    """No mask, no dropout, CPU, Dv == D (CPU flash needs it), and no autograd graph to record."""
+def fast_path_applies(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: float, config: DGAConfig) -> bool:
+    """No mask, no dropout, CPU, Dv == D (CPU flash needs it), no autograd graph to record, and
+    no step 5′ (``expand_mass == 0``; sinks only change the focus split, which is given)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return (attn_mask is None and dropout_p == 0 and q.device.type == "cpu" and not needs_grad
-            and v.shape[-1] == q.shape[-1])
+            and v.shape[-1] == q.shape[-1] and config.expand_mass == 0)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,

@@ -21,7 +21,8 @@ __all__ = ["CONFIG_FLAGS", "add_config_arguments", "config_from_args", "console"
            "usage_errors"]
 
 #: The numeric `DGAConfig` fields that have a flag (``--focus-ratio`` ...) and a ``--config`` key.
-CONFIG_FLAGS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len")
+CONFIG_FLAGS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "sinks",
+                "expand_mass", "expand_bias", "query_block", "expand_max")
 
 #: Loggers whose chatter (deprecations, the exporter's notes, torch.export's retried-load
 #: tracebacks) only ``--debug`` shows.
@@ -108,7 +109,7 @@ def usage_errors(what: str = "") -> Iterator[None]:
 # ------------------------------------------------------------------------- the DGA flags
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """``--focus-ratio`` … ``--min-seq-len``, ``--dense-layers``: DGAConfig fields (defaults: DGAConfig's)."""
+    """``--focus-ratio`` … ``--expand-max``, ``--dense-layers``: DGAConfig fields (defaults: DGAConfig's)."""
     g = p.add_argument_group("DGA parameters (default: dga_compile.DGAConfig)")
     g.add_argument("--focus-ratio", type=float, help="γ, fraction of keys kept as focus tokens")
     g.add_argument("--group-size", type=int, help="m, tokens per aggregated group")
@@ -116,6 +117,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, help="w, local window kept raw (causal sites)")
     g.add_argument("--group-bias", type=float, help="β, group logit bias β·log m")
     g.add_argument("--min-seq-len", type=int, help="below this length attention stays dense")
+    g.add_argument("--sinks", type=int, help="s, first positions always kept as focus tokens")
+    g.add_argument("--expand-mass", type=float, help="τ, step 5′: expand the groups holding all but 1 − τ of a "
+                   "query block's group mass (0: off)")
+    g.add_argument("--expand-bias", type=float, help="βe, group logit bias of step 5′'s estimate")
+    g.add_argument("--query-block", type=int, help="b, query rows per block of step 5′")
+    g.add_argument("--expand-max", type=float, help="step 5′: above this share of groups expanded a block attends "
+                   "densely")
     g.add_argument("--dense-layers", metavar="I,J,...", help="attention sites (layers) kept dense, by position in "
                    "model order, e.g. 0,7,18 (`dga-compile eval MODEL --calibrate K` finds the worst)")
 

@@ -13,7 +13,8 @@ IMPLEMENTATIONS = ("auto", "reference", "blocked", "cpp", "triton")
 
 #: The `DGAConfig` fields the op ``torch.ops.dga.attention`` carries as arguments, in argument
 #: order (`dga_compile.ops.OpCall` builds and parses them); the other fields are rewrite policy.
-OP_FIELDS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "impl")
+OP_FIELDS = ("focus_ratio", "group_size", "num_probe", "window", "group_bias", "min_seq_len", "sinks", "expand_mass",
+             "expand_bias", "query_block", "expand_max", "impl")
 
 #: Largest integer an op field may hold: the op's schema types them int64.
 INT64_MAX = 2**63 - 1
@@ -43,6 +44,15 @@ class DGAConfig:
             pretrained model without fine-tuning (docs/ACCURACY.md). The bound keeps β·log m
             finite even in float16 for any int64 m.
         min_seq_len: below this key length the op computes exact dense attention; ≥ 0.
+        sinks: s, the first s positions are always focus tokens, besides the ceil(γ·Nk) chosen by
+            score (``n_f = min(Nk, s + ceil(γ·Nk))``); ≥ 0.
+        expand_mass: τ in [0, 1), step 5′ (docs/dga.md): per query block and query head, the
+            groups that carry all but 1 − τ of some row's estimated group mass are expanded
+            (their members attend raw). ``0`` turns the step off (the paper's DGA).
+        expand_bias: βe in [0, 1000], the group bias of step 5′'s estimate (βe·log m).
+        query_block: b ≥ 1, the query rows per block of step 5′ ([0, b), [b, 2b), …).
+        expand_max: in (0, 1]; a (block, head) whose expansion E exceeds this share of the
+            groups complete for the block's last row attends densely.
         impl: which implementation runs the op (`dga_compile.dispatch`): ``"auto"`` (the first
             that applies: Triton on CUDA, the C++ kernel for CPU inference, else blocked),
             ``"reference"`` (the spec in plain PyTorch), ``"blocked"`` (the blocked PyTorch
@@ -66,6 +76,11 @@ class DGAConfig:
     group_bias: float = 0.25
     min_seq_len: int = 1024
     impl: Literal["auto", "reference", "blocked", "cpp", "triton"] = "auto"
+    sinks: int = 0
+    expand_mass: float = 0.0
+    expand_bias: float = 1.0
+    query_block: int = 64
+    expand_max: float = 1.0
     min_saving: float = 0.25
     dense_layers: tuple[int, ...] = ()
     strict: bool = False
@@ -78,6 +93,11 @@ class DGAConfig:
         _validate_int("window", self.window, 0, "e.g. 256 (0 disables the local window)")
         _validate_range("group_bias", self.group_bias, 0.0, MAX_GROUP_BIAS, "0.0 or 1.0")
         _validate_int("min_seq_len", self.min_seq_len, 0, "e.g. 1024 (0 applies DGA always)")
+        _validate_int("sinks", self.sinks, 0, "e.g. 4 (0: no sinks)")
+        _validate_range("expand_mass", self.expand_mass, 0.0, 1.0, "e.g. 0.8 (0 turns expansion off)", hi_open=True)
+        _validate_range("expand_bias", self.expand_bias, 0.0, MAX_GROUP_BIAS, "e.g. 1.0")
+        _validate_int("query_block", self.query_block, 1, "e.g. 64")
+        _validate_range("expand_max", self.expand_max, 0.0, 1.0, "e.g. 1.0 (0.5: dense above half)", lo_open=True)
         _validate_range("min_saving", self.min_saving, 0.0, 1.0, "e.g. 0.25", hi_open=True)
         layers = self.dense_layers
         if not isinstance(layers, (tuple, list)) or any(
@@ -96,12 +116,12 @@ class DGAConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _validate_range(name, value, lo, hi, example, hi_open=False):
+def _validate_range(name, value, lo, hi, example, hi_open=False, lo_open=False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and lo <= value and (value < hi if hi_open else value <= hi)
+    ok = ok and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
     if not ok:
-        bracket = ")" if hi_open else "]"
-        raise ValueError(f"DGAConfig.{name} must be a number in [{lo}, {hi}{bracket}, got {value!r}; use {example}")
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"DGAConfig.{name} must be a number in {interval}, got {value!r}; use {example}")
 
 
 def _validate_int(name, value, lo, example, hi=INT64_MAX):

@@ -1,7 +1,8 @@
 """Reference Dynamic Group Attention: ``docs/dga.md`` (the spec) literally, in plain PyTorch.
 
-Steps 1–4 are `dga_compile.selection`'s (shared with every implementation); step 5 is written
-here densely (an Nq×Nk logit matrix), which is the point of a reference. Works in float64;
+Steps 1–4 and step 5′'s decisions are `dga_compile.selection`'s (shared with every
+implementation); steps 5′ and 5 are written here densely (Nq×Nk logit matrices), which is the
+point of a reference. Works in float64;
 fp16/bf16/fp32 inputs run in float32. `dense_attention` is the op outside DGA's domain, as the
 fast implementations compute it (torch's SDPA at the input dtype).
 """
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ._validation import causal_like, dga_applies, mask_4d, validate_config, visible_4d, visible_rows
 from .config import DGAConfig
-from .selection import aggregate_groups, complete_groups, importance_scores, num_focus, split_focus, working_dtype
+from .selection import aggregate_groups, block_expansion, complete_groups, focus_split, group_mass, working_dtype
 
 __all__ = ["dense_attention", "reference_attention"]
 
@@ -52,12 +53,11 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
         return (_dropout(probs, dropout_p) @ vh).to(out_dtype)
 
     m = cfg.group_size
-    scores = importance_scores(q, k, vis, scale, cfg.num_probe)                   # 1
-    focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, Nk))           # 2
-    grp = aggregate_groups(q, k, v, nonfocus, scale, m)                             # 3, 4
+    focus, nonfocus = focus_split(q, k, mask_4d(attn_mask), is_causal, scale, cfg)      # 1, 2
+    grp = aggregate_groups(q, k, v, nonfocus, scale, m)                                 # 3, 4
     G = grp.anchors.shape[-1]
 
-    # 5. Which groups are complete for query i: all members visible, and (causal) a(g) ≤ i − w.
+    # Which groups are complete for query i: all members visible, and (causal) a(g) ≤ i − w.
     complete = complete_groups(vis_full, grp.members.repeat_interleave(rep, 1), 0, causal_like(vis, is_causal),
                                cfg.window)                                         # [B, Hq, Nq, G]
     # Per token: focus, or the index of its group (−1 for the raw tail run).
@@ -65,13 +65,29 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     group_of.scatter_(-1, grp.members.reshape(B, Hkv, -1),
                       torch.arange(G, device=q.device).repeat_interleave(m).expand(B, Hkv, -1))
     group_of = group_of.repeat_interleave(rep, 1)[:, :, None, :].expand(B, Hq, Nq, Nk)
-    in_complete_group = (group_of >= 0) & complete.gather(-1, group_of.clamp(min=0)) if G else torch.zeros_like(vis_full)
     is_focus = torch.zeros(B, Hkv, Nk, dtype=torch.bool, device=q.device).scatter_(-1, focus, True)
-    token_ok = vis_full & (is_focus.repeat_interleave(rep, 1)[:, :, None, :] | ~in_complete_group)
+    is_focus = is_focus.repeat_interleave(rep, 1)[:, :, None, :]
+    group_dot = scale * q @ grp.keys.transpose(-1, -2)                             # [B, Hq, Nq, G]
 
-    token_logits = logits.masked_fill(~token_ok, float("-inf"))
-    group_logits = (scale * q @ grp.keys.transpose(-1, -2) + cfg.group_bias * math.log(m)).masked_fill(~complete, float("-inf"))
-    probs = _dropout(_softmax_rows(torch.cat([token_logits, group_logits], -1)), dropout_p)
+    def candidates(merged: Tensor, bias: float) -> Tensor:
+        """Step 5's logits [B, Hq, Nq, Nk + G] when the groups ``merged`` [B, Hq, Nq, G] are used
+        as one key each (their members are not)."""
+        in_merged = (group_of >= 0) & merged.gather(-1, group_of.clamp(min=0)) if G else torch.zeros_like(vis_full)
+        token_ok = vis_full & (is_focus | ~in_merged)
+        return torch.cat([logits.masked_fill(~token_ok, float("-inf")),
+                          (group_dot + bias).masked_fill(~merged, float("-inf"))], -1)
+
+    if cfg.expand_mass > 0:                                                         # 5′
+        with torch.no_grad():
+            mass = group_mass(candidates(complete, cfg.expand_bias * math.log(m)), Nk, G)
+        expanded = torch.zeros_like(complete)
+        for i0 in range(0, Nq, cfg.query_block):
+            i1 = min(i0 + cfg.query_block, Nq)
+            rows = complete[:, :, i0:i1]
+            expand, dense = block_expansion(mass[:, :, i0:i1], rows, cfg)
+            expanded[:, :, i0:i1] = rows & (expand[:, :, None, :] | dense[:, :, None, None])
+        complete = complete & ~expanded
+    probs = _dropout(_softmax_rows(candidates(complete, cfg.group_bias * math.log(m))), dropout_p)    # 5
     return (probs[..., :Nk] @ vh + probs[..., Nk:] @ grp.values).to(out_dtype)
 
 

@@ -1,7 +1,9 @@
-"""Steps 1–4 of docs/dga.md (which keys each query sees), shared by every implementation.
+"""Steps 1–4 and 5′ of docs/dga.md (which keys each query sees), shared by every implementation.
 
-`importance_scores` (step 1), `split_focus` (step 2), `aggregate_groups` (steps 3–4) and
-`complete_groups` (step 5's group rule) are the spec's; `select` runs steps 1–4 for one call and
+`importance_scores` (step 1), `split_focus` (step 2, with the sinks), `aggregate_groups` (steps
+3–4), `complete_groups` (step 5's group rule) and `group_mass`, `tau_sets`, `block_expansion`
+(step 5′: the row mass estimate, the per-row τ-set, the block's union and its dense ceiling) are
+the spec's; `select` runs steps 1–4 for one call and
 gathers the result into a `Selection`, the layout the blocked path and the Triton kernels slice
 (the Triton path builds the same `Selection` from its own scoring and aggregation kernels).
 Steps 1–4 cost O(r·N·D + N·m·D): they are not what the fast paths need to be fast at.
@@ -22,8 +24,9 @@ from torch import Tensor
 from ._validation import visible_rows
 from .config import DGAConfig
 
-__all__ = ["Groups", "Selection", "aggregate_groups", "complete_groups", "focus_split", "gather_rows",
-           "importance_scores", "num_focus", "select", "split_focus", "working_dtype"]
+__all__ = ["Groups", "Selection", "aggregate_groups", "block_expansion", "complete_groups", "focus_split",
+           "gather_rows", "group_mass", "importance_scores", "num_focus", "select", "split_focus", "tau_sets",
+           "working_dtype"]
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,9 +34,10 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def num_focus(focus_ratio: float, nk: int) -> int:
-    """n_f = ceil(γ·Nk), computed so that γ·Nk landing on an integer is not pushed up by rounding."""
-    return min(nk, math.ceil(round(focus_ratio * nk, 9)))
+def num_focus(focus_ratio: float, nk: int, sinks: int = 0) -> int:
+    """n_f = min(Nk, sinks + ceil(γ·Nk)), computed so that γ·Nk landing on an integer is not pushed
+    up by rounding (``sinks=0``: the keys chosen by score alone)."""
+    return min(nk, sinks + math.ceil(round(focus_ratio * nk, 9)))
 
 
 def _kv_view(x: Tensor, hkv: int) -> Tensor:
@@ -61,13 +65,17 @@ def importance_scores(q: Tensor, k: Tensor, vis: Optional[Tensor], scale: float,
     return logits.softmax(-1).nan_to_num(0.0).sum(-2)
 
 
-def split_focus(scores: Tensor, n_focus: int) -> tuple[Tensor, Tensor]:
-    """Step 2. The ``n_focus`` highest-scoring positions (ties: smaller position first).
+def split_focus(scores: Tensor, n_focus: int, sinks: int = 0) -> tuple[Tensor, Tensor]:
+    """Step 2. The first ``sinks`` positions and the highest-scoring others, ``n_focus`` in all
+    (ties: smaller position first).
 
     scores [B, Hkv, Nk] -> (focus positions [B, Hkv, n_f], non-focus positions
     [B, Hkv, Nk − n_f]), each sorted by position, int64.
     """
     nk = scores.shape[-1]
+    if sinks:
+        scores = scores.clone()
+        scores[..., :sinks] = float("inf")
     order = scores.sort(dim=-1, descending=True, stable=True).indices
     is_focus = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order[..., :n_focus], True)
     pos = torch.arange(nk, device=scores.device)
@@ -121,6 +129,32 @@ def complete_groups(vis_rows: Tensor, members: Tensor, first_row: int, causal: b
     return complete
 
 
+def group_mass(logits: Tensor, first: int, count: int) -> Tensor:
+    """Step 5′'s row estimate. logits [..., L]: each row's base candidates (group columns with
+    βe·log m; −inf where not a candidate) -> [..., count], the softmax's mass on the group columns
+    [first, first + count). A row with no candidate, or whose softmax is not finite, gives 0."""
+    return logits.softmax(-1)[..., first:first + count].nan_to_num(0.0, 0.0, 0.0)
+
+
+def tau_sets(mass: Tensor, tau: float) -> Tensor:
+    """Step 5′'s per-row set E_i. mass [..., G] (0 on groups not complete for the row) -> bool
+    [..., G]: the smallest set, taken in decreasing mass (ties: smaller index), leaving at most
+    1 − τ of mass on the other groups; i.e. g ∈ E_i iff its mass plus that of every group ranked
+    after it exceeds 1 − τ."""
+    ranked = mass.sort(dim=-1, descending=True, stable=True)
+    left = ranked.values.flip(-1).cumsum(-1).flip(-1)        # mass of this group and those after it
+    return torch.zeros_like(left, dtype=torch.bool).scatter_(-1, ranked.indices, left > 1.0 - tau)
+
+
+def block_expansion(mass: Tensor, complete: Tensor, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
+    """Step 5′ for one query block: mass [..., b, G] from `group_mass`, complete bool [..., b, G]
+    (the groups complete for each row) -> (E bool [..., G], the union of the rows' `tau_sets`;
+    dense bool [...], |E| > expand_max × the groups complete for the block's last row)."""
+    expand = tau_sets(mass, cfg.expand_mass).any(-2)
+    dense = expand.sum(-1) > cfg.expand_max * complete[..., -1, :].sum(-1)
+    return expand, dense
+
+
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """x [B, H, N, D], idx [B, H, L] -> [B, H, L, D]."""
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
@@ -151,12 +185,17 @@ class Selection(NamedTuple):
 def focus_split(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                 cfg: DGAConfig) -> tuple[Tensor, Tensor]:
     """Steps 1–2 without gradient: (focus [B, Hkv, n_f], non-focus [B, Hkv, Nk − n_f]) positions.
-    ``mask`` comes from `_validation.mask_4d`."""
+    ``mask`` comes from `_validation.mask_4d`. When no key is chosen by score (ceil(γ·Nk) = 0)
+    step 1 is skipped: the focus set is the sinks."""
     nq, nk = q.shape[2], k.shape[2]
     r = min(cfg.num_probe, nq)
     with torch.no_grad():
-        scores = importance_scores(q, k, visible_rows(mask, is_causal, nq - r, nq, nk, q.device), scale, cfg.num_probe)
-        return split_focus(scores, num_focus(cfg.focus_ratio, nk))
+        if num_focus(cfg.focus_ratio, nk) == 0:
+            scores = k.new_zeros(k.shape[:3])
+        else:
+            scores = importance_scores(q, k, visible_rows(mask, is_causal, nq - r, nq, nk, q.device), scale,
+                                       cfg.num_probe)
+        return split_focus(scores, num_focus(cfg.focus_ratio, nk, cfg.sinks), cfg.sinks)
 
 
 def select(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dga_compile import DGAConfig, _extension, dynamic_group_attention, reference_attention
-from dga_compile.blocked import blocked_attention
+from dga_compile.blocked import BLOCK_SIZE, blocked_attention
 
 #: Mask spellings a model passes to SDPA (see `make_mask`).
 MASK_KINDS = ("none", "pad_right", "pad_left", "bool", "additive_inf", "additive_finfo", "causal_mask")
@@ -25,6 +25,8 @@ TOL = {
 
 #: A small-N config under which DGA really groups, windows and probes (min_seq_len=0).
 SMALL = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, group_bias=1.0, min_seq_len=0)
+#: SMALL with sinks and step 5′ on (blocks of 16 query rows, a τ that expands some groups of most rows).
+EXPAND = SMALL.replace(sinks=2, expand_mass=0.7, query_block=16, group_bias=0.25)
 
 
 def qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, dtype=torch.float64, seed: int = 0,
@@ -106,3 +108,23 @@ def paths_for(dtype: torch.dtype) -> dict[str, Callable]:
 def max_err(a: Tensor, b: Tensor) -> float:
     """max |a − b| in float64."""
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+#: Blocked's error vs a float64 golden may be at most this many times the reference's error at
+#: the same dtype, plus a floor for outputs whose rounding error is ~0.
+GOLDEN_FACTOR = 2.0
+GOLDEN_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def check_blocked(q, k, v, attn_mask, causal, cfg, block_size=BLOCK_SIZE, scale=None) -> Tensor:
+    """blocked == reference at q's dtype; below float64 also: blocked is within GOLDEN_FACTOR×
+    of the reference's own error against the reference on float64-upcast inputs. Returns blocked's output."""
+    got = blocked_attention(q, k, v, attn_mask, causal, scale, cfg, block_size=block_size)
+    want = reference_attention(q, k, v, attn_mask, causal, scale, cfg)
+    assert got.dtype == q.dtype and got.shape == want.shape and not got.isnan().any()
+    torch.testing.assert_close(got, want, **TOL[q.dtype])
+    if q.dtype != torch.float64:
+        up = lambda x: None if x is None or x.dtype == torch.bool else x.double()
+        golden = reference_attention(*(x.double() for x in (q, k, v)), up(attn_mask), causal, scale, cfg)
+        assert max_err(got, golden) <= GOLDEN_FACTOR * max_err(want, golden) + GOLDEN_FLOOR[q.dtype]
+    return got

@@ -153,6 +153,23 @@ def test_non_finite_query_row_in_the_dense_fallback(impl):
     pytest.param("window", -1, id="window-negative"),
     pytest.param("window", 4.0, id="window-float"),
     pytest.param("focus_ratio", math.inf, id="focus_ratio-inf"),
+    pytest.param("sinks", -1, id="sinks-negative"),
+    pytest.param("sinks", 2**63, id="sinks-2**63"),
+    pytest.param("sinks", 1.5, id="sinks-float"),
+    pytest.param("sinks", True, id="sinks-bool"),
+    pytest.param("expand_mass", 1.0, id="expand_mass-1"),
+    pytest.param("expand_mass", -0.1, id="expand_mass-negative"),
+    pytest.param("expand_mass", math.nan, id="expand_mass-nan"),
+    pytest.param("expand_mass", "0.8", id="expand_mass-str"),
+    pytest.param("expand_bias", -1.0, id="expand_bias-negative"),
+    pytest.param("expand_bias", math.inf, id="expand_bias-inf"),
+    pytest.param("expand_bias", MAX_GROUP_BIAS * 2, id="expand_bias-2000"),
+    pytest.param("query_block", 0, id="query_block-0"),
+    pytest.param("query_block", 2**63, id="query_block-2**63"),
+    pytest.param("query_block", 64.0, id="query_block-float"),
+    pytest.param("expand_max", 0.0, id="expand_max-0"),
+    pytest.param("expand_max", 1.5, id="expand_max-1.5"),
+    pytest.param("expand_max", math.nan, id="expand_max-nan"),
 ])
 def test_config_bounds(field, value):
     with pytest.raises(ValueError, match=rf"DGAConfig\.{field} must be .*got {value!r}"):
@@ -165,6 +182,9 @@ def test_config_bounds(field, value):
     pytest.param(dict(num_probe=INT64_MAX), id="num_probe-max"),
     pytest.param(dict(window=INT64_MAX), id="window-max"),
     pytest.param(dict(group_bias=MAX_GROUP_BIAS), id="group_bias-max"),
+    pytest.param(dict(sinks=INT64_MAX), id="sinks-max"),
+    pytest.param(dict(expand_mass=0.999999, expand_bias=MAX_GROUP_BIAS, query_block=INT64_MAX), id="expand-max"),
+    pytest.param(dict(expand_mass=0.5, expand_max=1e-300, query_block=1), id="expand_max-tiny"),
 ])
 @pytest.mark.parametrize("impl", ["reference", "blocked", "cpp", "triton"])
 def test_largest_accepted_values_run_on_every_implementation(impl, changes):

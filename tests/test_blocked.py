@@ -5,37 +5,26 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dga_cases import MASK_KINDS, SMALL, TOL, make_mask, max_err, qkv, sdpa_golden
+from dga_cases import EXPAND, MASK_KINDS, SMALL, TOL, check_blocked, make_mask, max_err, qkv, sdpa_golden
 from dga_compile import DGAConfig, reference_attention
 from dga_compile.blocked import BLOCK_SIZE, blocked_attention
-
-#: Blocked's error vs a float64 golden may be at most this many times the reference's error at
-#: the same dtype, plus a floor for outputs whose rounding error is ~0.
-GOLDEN_FACTOR = 2.0
-GOLDEN_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def _check(q, k, v, attn_mask, causal, cfg, block_size=BLOCK_SIZE, scale=None):
-    """blocked == reference at q's dtype; below float64 also: blocked is within GOLDEN_FACTOR×
-    of the reference's own error against the reference on float64-upcast inputs."""
-    got = blocked_attention(q, k, v, attn_mask, causal, scale, cfg, block_size=block_size)
-    want = reference_attention(q, k, v, attn_mask, causal, scale, cfg)
-    assert got.dtype == q.dtype and got.shape == want.shape and not got.isnan().any()
-    torch.testing.assert_close(got, want, **TOL[q.dtype])
-    if q.dtype != torch.float64:
-        up = lambda x: None if x is None or x.dtype == torch.bool else x.double()
-        golden = reference_attention(*(x.double() for x in (q, k, v)), up(attn_mask), causal, scale, cfg)
-        assert max_err(got, golden) <= GOLDEN_FACTOR * max_err(want, golden) + GOLDEN_FLOOR[q.dtype]
-    return got
 
 
 @pytest.mark.parametrize("mask", MASK_KINDS)
 @pytest.mark.parametrize("heads", [(4, 1), (2, 2)], ids=["H4-KV1", "H2-KV2"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_masks_B3_N300_D16(causal, heads, mask):
+@pytest.mark.parametrize("cfg", [SMALL, EXPAND], ids=["paper", "expand"])
+def test_masks_B3_N300_D16(cfg, causal, heads, mask):
+    """Also with sinks and step 5′ (`dga_cases.EXPAND`), where DGA differs from both dense
+    attention and the paper's DGA."""
     Hq, Hkv = heads
     q, k, v = qkv(3, Hq, Hkv, 300, 300, 16, seed=1)
-    _check(q, k, v, make_mask(mask, 3, Hq, 300, 300, seed=1), causal, SMALL, block_size=64)
+    attn_mask = make_mask(mask, 3, Hq, 300, 300, seed=1)
+    got = check_blocked(q, k, v, attn_mask, causal, cfg, block_size=64)
+    assert max_err(got, sdpa_golden(q, k, v, attn_mask, causal)) > 1e-3
+    if cfg.expand_mass:
+        paper = reference_attention(q, k, v, attn_mask, causal, None, cfg.replace(expand_mass=0.0))
+        assert max_err(got, paper) > 1e-3
 
 
 _SIZES = [  # (B, Hq, Hkv, N, D, Dv, block_size)
@@ -55,7 +44,7 @@ _SIZES = [  # (B, Hq, Hkv, N, D, Dv, block_size)
 def test_sizes(B, Hq, Hkv, N, D, Dv, block_size, causal, mask):
     q, k, v = qkv(B, Hq, Hkv, N, N, D, seed=N, Dv=Dv)
     cfg = SMALL.replace(group_size=16, num_probe=64, window=64) if N >= 1000 else SMALL
-    _check(q, k, v, make_mask(mask, B, Hq, N, N, seed=N), causal, cfg, block_size)
+    check_blocked(q, k, v, make_mask(mask, B, Hq, N, N, seed=N), causal, cfg, block_size)
 
 
 @pytest.mark.parametrize("mask_shape", [(77,), (77, 77), (4, 77, 77), (2, 1, 1, 77), (1, 4, 1, 77), (2, 4, 77, 77)],
@@ -66,7 +55,7 @@ def test_hf_layout_mask_ranks_scale_B2_H4_KV2_N77_D8(causal, mask_shape):
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv(2, 4, 2, 77, 77, 8, seed=8))
     assert not q.is_contiguous()
     mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(8)) < 0.8
-    got = _check(q, k, v, mask, causal, SMALL, block_size=32, scale=0.3)
+    got = check_blocked(q, k, v, mask, causal, SMALL, block_size=32, scale=0.3)
     want = blocked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, causal, 0.3, SMALL, block_size=32)
     torch.testing.assert_close(got, want, **TOL[torch.float64])
 
@@ -83,7 +72,7 @@ def test_hf_layout_mask_ranks_scale_B2_H4_KV2_N77_D8(causal, mask_shape):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_configs_B2_H4_KV2_N211_D8(cfg, causal, mask):
     q, k, v = qkv(2, 4, 2, 211, 211, 8, seed=2)
-    _check(q, k, v, make_mask(mask, 2, 4, 211, 211, seed=2), causal, cfg, block_size=50)
+    check_blocked(q, k, v, make_mask(mask, 2, 4, 211, 211, seed=2), causal, cfg, block_size=50)
 
 
 @pytest.mark.parametrize("mask", ["none", "pad_left", "additive_inf", "additive_finfo"])
@@ -91,14 +80,14 @@ def test_configs_B2_H4_KV2_N211_D8(cfg, causal, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_dtypes_B2_H4_KV1_N300_D32(dtype, causal, mask):
     q, k, v = qkv(2, 4, 1, 300, 300, 32, dtype, seed=4)
-    _check(q, k, v, make_mask(mask, 2, 4, 300, 300, dtype, seed=4), causal, SMALL, block_size=128)
+    check_blocked(q, k, v, make_mask(mask, 2, 4, 300, 300, dtype, seed=4), causal, SMALL, block_size=128)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_dtypes_default_config_B1_H8_KV2_N2048_D64(dtype):
     q, k, v = qkv(1, 8, 2, 2048, 2048, 64, dtype, seed=6)
-    _check(q, k, v, make_mask("additive_finfo", 1, 8, 2048, 2048, dtype), False, DGAConfig())
+    check_blocked(q, k, v, make_mask("additive_finfo", 1, 8, 2048, 2048, dtype), False, DGAConfig())
 
 
 @st.composite
@@ -138,7 +127,7 @@ def test_property_blocked_equals_reference_fp64(case):
     B, Hkv, rep, n, D, causal, mask, cfg, block_size, seed = case
     q, k, v = qkv(B, Hkv * rep, Hkv, n, n, D, seed=seed)
     attn_mask = make_mask(mask, B, Hkv * rep, n, n, seed=seed)
-    got = _check(q, k, v, attn_mask, causal, cfg, block_size)
+    got = check_blocked(q, k, v, attn_mask, causal, cfg, block_size)
     if not _is_exact(n, cfg):
         assert max_err(got, sdpa_golden(q, k, v, attn_mask, causal)) > 1e-6, "DGA equals dense attention here"
 
@@ -162,4 +151,4 @@ def test_regression_mask_without_groups_B2_H4_KV2_N20_D8(cfg):
     """Regression: with a mask and no complete group (γ = 1, or fewer than m non-focus keys),
     the masked candidate path reshaped a 0-element tensor with a -1 dim and crashed."""
     q, k, v = qkv(2, 4, 2, 20, 20, 8, seed=9)
-    _check(q, k, v, make_mask("pad_left", 2, 4, 20, 20), True, cfg)
+    check_blocked(q, k, v, make_mask("pad_left", 2, 4, 20, 20), True, cfg)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from dga_compile import DGAConfig
 from dga_compile.eval.cost import CostMeter, Site, SiteProfile, recent_for_cost, span_entries
 from dga_compile.eval.methods import Call, Method, attend_fn
+from dga_compile.blocked import expanded_counts
 from dga_compile.eval.perhead import plan_for_cost
 from dga_compile.selection import aggregate_groups, importance_scores, num_focus, split_focus
 from dga_compile._validation import causal_like, visible_4d
@@ -43,9 +44,10 @@ def _brute_force(q, k, v, attn_mask, is_causal, cfg):
     vis = visible_4d(attn_mask, is_causal, n, n, q.device)
     full = torch.ones(n, n, dtype=torch.bool) if vis is None else vis[0, 0]
     window = causal_like(vis, is_causal)
-    focus, nonfocus = split_focus(importance_scores(q, k, vis, scale, cfg.num_probe), num_focus(cfg.focus_ratio, n))
+    focus, nonfocus = split_focus(importance_scores(q, k, vis, scale, cfg.num_probe),
+                                  num_focus(cfg.focus_ratio, n, cfg.sinks), cfg.sinks)
     grp = aggregate_groups(q, k, v, nonfocus, scale, m)
-    attention = torch.zeros(1, hq, n)
+    attention, n_complete = torch.zeros(1, hq, n), torch.zeros(1, hq, n)
     for h in range(hq):
         focus_h = set(focus[0, h // rep].tolist())
         groups = grp.members[0, h // rep].tolist()
@@ -54,8 +56,10 @@ def _brute_force(q, k, v, attn_mask, is_causal, cfg):
             complete = [g for g in groups if set(g) <= seen and (not window or g[-1] <= i - cfg.window)]
             grouped = {j for g in complete for j in g}
             attention[0, h, i] = len(seen & focus_h) + len(complete) + len(seen - focus_h - grouped)
+            n_complete[0, h, i] = len(complete)
     probes = hq * sum(int(full[p].sum()) for p in range(n - min(cfg.num_probe, n), n))
-    return attention, probes, hq * len(groups) * m
+    probes = probes if num_focus(cfg.focus_ratio, n) else 0          # nothing scored: step 1 is skipped
+    return attention, probes, hq * len(groups) * m, n_complete
 
 
 @pytest.mark.parametrize("mask", ["causal", "sliding", "padding", "random", "bidirectional"])
@@ -65,11 +69,44 @@ def test_dga_counts_every_entry(mask, n):
     attn_mask, is_causal = _mask(mask, n)
     with CostMeter() as meter:
         attend_fn(Method("dga", SMALL))(q, k, v, attn_mask, is_causal, None, 0.0)
-    attention, probes, aggregation = _brute_force(q, k, v, attn_mask, is_causal, SMALL)
+    attention, probes, aggregation, _ = _brute_force(q, k, v, attn_mask, is_causal, SMALL)
     assert meter.terms == pytest.approx({"attention": float(attention.sum()), "probes": probes,
                                          "aggregation": aggregation})
     assert meter.keys_at_last == pytest.approx(float(attention[..., -1].mean()))
     assert (Call(q, k, v, attn_mask, is_causal, None, 0.0).spans is None) == (mask == "random")
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(SMALL.replace(sinks=3, expand_mass=1 - 1e-12, query_block=16), id="all-expanded"),
+    pytest.param(SMALL.replace(focus_ratio=0.0, sinks=4, expand_mass=1 - 1e-12, query_block=7), id="gamma0-all"),
+    pytest.param(SMALL.replace(expand_mass=1 - 1e-12, expand_max=1e-9, query_block=16), id="all-dense"),
+])
+@pytest.mark.parametrize("mask", ["causal", "sliding", "padding", "random", "bidirectional"])
+def test_dga_counts_expanded_members_N61(mask, cfg):
+    """Step 5′ (docs/dga.md, "Cost"): a row scores the m members of each group it expands while
+    the group's own logit stays counted; here every complete group is expanded (τ → 1, or every
+    (block, head) over the ceiling): visible + complete per row. No probes when γ = 0."""
+    q, k, v = _qkv(61)
+    attn_mask, is_causal = _mask(mask, 61)
+    with CostMeter() as meter:
+        attend_fn(Method("dga", cfg))(q, k, v, attn_mask, is_causal, None, 0.0)
+    attention, probes, aggregation, n_complete = _brute_force(q, k, v, attn_mask, is_causal, cfg)
+    assert n_complete.sum() > 0
+    assert meter.terms == pytest.approx({"attention": float((attention + cfg.group_size * n_complete).sum()),
+                                         "probes": probes, "aggregation": aggregation})
+    assert (probes == 0) == (cfg.focus_ratio == 0)
+
+
+def test_dga_cost_of_a_partial_expansion_is_between_N90():
+    """τ = 0.6: some complete groups expanded, not all; the count is the op's own choice."""
+    q, k, v = _qkv(90)
+    cfg = SMALL.replace(expand_mass=0.6, query_block=16)
+    with CostMeter() as meter:
+        attend_fn(Method("dga", cfg))(q, k, v, None, True, None, 0.0)
+    attention, _, _, n_complete = _brute_force(q, k, v, None, True, cfg)
+    expanded = expanded_counts(q, k, v, None, True, None, cfg).float()
+    assert 0 < expanded.sum() < n_complete.sum() and (expanded <= n_complete).all()
+    assert meter.terms["attention"] == pytest.approx(float((attention + cfg.group_size * expanded).sum()))
 
 
 @pytest.mark.parametrize("recent,sinks", [(1, 0), (7, 3), (19, 4), (60, 2)], ids=lambda v: str(v))

@@ -45,7 +45,8 @@ _BAD_CALLS = {
     "impl-config": (lambda: DGAConfig(impl="cuda"), ["'cuda'", "'blocked'"]),
     "dense_layers-negative": (lambda: DGAConfig(dense_layers=(3, -1)), ["dense_layers", "(3, -1)"]),
     "dense_layers-str": (lambda: DGAConfig(dense_layers="0,7"), ["dense_layers", "'0,7'"]),
-    "impl-op": (lambda: torch.ops.dga.attention(Q, K, V, None, 0.0, None, False, 0.5, 0.1, 4, 4, 0, 1.0, 0, "bogus"),
+    "impl-op": (lambda: torch.ops.dga.attention(Q, K, V, None, 0.0, None, False, 0.5, 0.1, 4, 4, 0, 1.0, 0, 0, 0.0, 1.0,
+                                                64, 1.0, "bogus"),
                 ["'bogus'"]),
 }
 

@@ -28,7 +28,7 @@ def parse_config(spec: str, base: DGAConfig = DGAConfig(min_seq_len=0)) -> DGACo
         key, sep, val = item.partition("=")
         if not sep or key not in CONFIG_FLAGS:
             raise ValueError(f"--config entries are KEY=VALUE with KEY in {CONFIG_FLAGS}, got {item!r}")
-        changes[key] = float(val) if key in ("focus_ratio", "group_bias") else int(val)
+        changes[key] = type(getattr(DGAConfig(), key))(val)
     return base.replace(**changes)
 
 

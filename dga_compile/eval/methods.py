@@ -33,8 +33,9 @@ from torch import Tensor
 from ..api import dynamic_group_attention
 from ..config import DGAConfig
 from ..integrations.transformers import hf_attention_forward, register_forward
-from ..selection import importance_scores, num_focus, split_focus
-from .._validation import causal_like, dga_applies, visible_4d
+from ..blocked import expanded_counts
+from ..selection import focus_split, num_focus
+from .._validation import causal_like, dga_applies, mask_4d, visible_4d
 from .cost import NO_SITE, Cost, CostMeter, Site, solve_increasing
 
 __all__ = ["Method", "Call", "KINDS", "attend_fn", "dga_cost", "register_method", "current_site"]
@@ -68,7 +69,11 @@ class Method:
         c = self.config
         dense = f", layers {','.join(map(str, c.dense_layers))} dense" if c.dense_layers else ""
         if self.kind == "dga":
-            return f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}{dense}"
+            sinks = f" s={c.sinks}" if c.sinks else ""
+            expand = (f" τ={c.expand_mass:g} βe={c.expand_bias:g} b={c.query_block} max={c.expand_max:g}"
+                      if c.expand_mass else "")
+            return (f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
+                    f"{sinks}{expand}{dense}")
         if self.kind == "streaming":
             return f"StreamingLLM {self.sinks} sinks + {self.recent} recent{dense}"
         if self.kind == "topk":
@@ -125,12 +130,15 @@ class Call:
 
     def focus(self, cfg: DGAConfig) -> tuple[Tensor, Tensor]:
         """The op's steps 1–2 in float32: (focus, non-focus) positions [B, Hkv, ·], each increasing."""
-        key = (cfg.focus_ratio, cfg.num_probe)
+        key = (cfg.focus_ratio, cfg.num_probe, cfg.sinks)
         if key not in self._focus:
-            scale = self.scale or self.q.shape[-1] ** -0.5
-            scores = importance_scores(self.q.float(), self.k.float(), self.vis, scale, cfg.num_probe)
-            self._focus[key] = split_focus(scores, num_focus(cfg.focus_ratio, self.k.shape[2]))
+            self._focus[key] = focus_split(self.q.float(), self.k.float(), mask_4d(self.attn_mask), self.is_causal,
+                                           self.scale_or_default, cfg)
         return self._focus[key]
+
+    @property
+    def scale_or_default(self) -> float:
+        return self.scale or self.q.shape[-1] ** -0.5
 
     def probe_entries(self, num_probe: int) -> float:
         """Step 1's scores: the last r query rows against their visible keys, per query head."""
@@ -190,16 +198,21 @@ def _dga(method: Method, call: Call) -> tuple[Tensor, Cost]:
 
 
 def dga_cost(call: Call, cfg: DGAConfig) -> Cost:
-    """Every score entry DGA computes at ``cfg`` (docs/dga.md), from the op's own focus split:
-    step 1 (probes), step 4 (aggregation) as extras, step 5 per query (attention)."""
-    B, Hq, hkv, nq, _ = call.shape
+    """Every score entry DGA computes at ``cfg`` (docs/dga.md, "Cost"), from the op's own focus
+    split and step 5′ choice: step 1 (probes, when any key is chosen by score), step 4
+    (aggregation) as extras; per query (attention) step 5's candidates plus, with step 5′, the m
+    members of each expanded group (the group's own logit stays counted)."""
+    B, Hq, hkv, nq, nk = call.shape
     m, rep = cfg.group_size, Hq // hkv
     _, nonfocus = call.focus(cfg)
     G = nonfocus.shape[-1] // m
     members = nonfocus[..., :G * m].reshape(B, hkv, G, m).repeat_interleave(rep, 1).cpu()   # [B, Hq, G, m]
     complete = _complete_counts(call, members, cfg.window)
-    extra = {"probes": call.probe_entries(cfg.num_probe), "aggregation": float(B * Hq * G * m)}
-    return Cost(call.visible - (m - 1) * complete, call.visible, extra)
+    expanded = expanded_counts(call.q, call.k, call.v, call.attn_mask, call.is_causal, call.scale_or_default,
+                               cfg).cpu().float()
+    probes = call.probe_entries(cfg.num_probe) if num_focus(cfg.focus_ratio, nk) else 0.0
+    extra = {"probes": probes, "aggregation": float(B * Hq * G * m)}
+    return Cost(call.visible - (m - 1) * complete + m * expanded, call.visible, extra)
 
 
 def _complete_counts(call: Call, members: Tensor, window: int) -> Tensor:
