@@ -108,7 +108,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
     if out is None:
         out = q.new_empty(q.shape[:3] + v.shape[3:])
     torch.ops.dga_native.attention_cpu(q, k, v, mask, out, is_causal, local_window, scale, float(cfg.focus_ratio),
-                                       cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias))
+                                       cfg.group_size, cfg.num_probe, cfg.window, float(cfg.group_bias), cfg.sinks,
+                                       float(cfg.expand_mass), float(cfg.expand_bias), cfg.query_block,
+                                       float(cfg.expand_max))
     return out
 
 

@@ -90,8 +90,6 @@ def _cpp_applies(call: "OpCall") -> Optional[str]:
         return f"dropout_p={call.dropout_p} (the C++ kernel has no dropout)"
     if _needs_grad(call):
         return "inputs that need gradients (the C++ kernel has no backward)"
-    if (reason := _nyi_options(call, "the C++ kernel")) is not None:
-        return reason
     if not _extension.available():
         return "the C++ extension is not built or is turned off by DGA_NATIVE=0 (build it: dga-compile build-ext)"
     return None

@@ -15,7 +15,7 @@ from dga_compile.ops import OpCall
 from dga_compile.selection import (aggregate_groups, block_expansion, focus_split, group_mass, num_focus, split_focus,
                                    tau_sets)
 
-#: The paths that compute step 5′ (the C++ kernel called directly does not: the op falls back).
+#: The paths that compute step 5′ in every dtype ("public-auto" runs the C++ kernel for fp32 inference).
 STEP5_PATHS = {name: PATHS[name] for name in ("reference", "blocked", "public-auto")}
 #: Every visible key raw: τ → 1 with expand_max = 1 expands every complete group.
 ALL = dict(expand_mass=1 - 1e-12, expand_max=1.0)
@@ -254,22 +254,23 @@ def test_later_tokens_do_not_reach_the_block(path, t):
     assert max_err(after[:, :, t:], before[:, :, t:]) > 1e-3
 
 
-def test_cpp_and_auto_run_blocked_for_step5(caplog):
-    """The C++ kernel does not compute sinks or step 5′ yet: "auto" picks blocked silently, a
-    named "cpp" falls back to blocked with an NYI message, never a different answer."""
+def test_cpp_and_auto_run_the_kernel_for_step5(caplog):
+    """The C++ kernel computes sinks and step 5′: "auto" and a named "cpp" run it for CPU
+    inference, with no NYI fallback, and agree with the reference."""
+    if "cpp" not in PATHS:
+        pytest.skip("the C++ extension is not built")
     q, k, v = qkv(1, 4, 2, 70, 70, 8, torch.float32, seed=7)
     want = reference_attention(q, k, v, None, True, None, EXPAND)
     for impl in ("auto", "cpp"):
         caplog.clear()
         with dispatch.recording() as ran, caplog.at_level(logging.INFO, logger="dga_compile.dispatch"), \
                 warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("error")
             got = dynamic_group_attention(q, k, v, is_causal=True, enable_gqa=True, config=EXPAND.replace(impl=impl))
-        assert ran == ["blocked"]
-        assert ("NYI: impl='cpp'" in caplog.text and "expand_mass=0.7" in caplog.text) == (impl == "cpp")
+        assert ran == ["cpp"] and "NYI" not in caplog.text
         torch.testing.assert_close(got, want, **TOL[torch.float32])
-    call = OpCall(q, k, v, None, 0.0, None, True, 0.35, EXPAND.replace(expand_mass=0.0))
-    assert "sinks=2 is not yet in the C++ kernel" in dispatch._cpp_applies(call)
+    call = OpCall(q, k, v, None, 0.0, None, True, 0.35, EXPAND)
+    assert dispatch._cpp_applies(call) is None
 
 
 @pytest.mark.parametrize("where", ["q", "k", "v"])

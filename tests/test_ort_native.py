@@ -153,6 +153,21 @@ def test_native_cuda_matches_reference(library, B, Hq, Hkv, N, D, Dv, is_causal,
     _check_case(library, B, Hq, Hkv, N, D, Dv, is_causal, mask_kind, changes, "CUDAExecutionProvider")
 
 
+@pytest.mark.gpu
+def test_native_cuda_refuses_sinks_and_expansion(library):
+    """The CUDA kernel has no sinks or step 5′ yet: a node asking for them fails with NYI, never a
+    different answer."""
+    if not ctypes.CDLL(str(library)).DgaOrtHasCuda():
+        pytest.skip("the library was built without nvcc: no CUDA kernel")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    q, k, v = _inputs(1, 2, 2, 64, 64, 16, 16)
+    for changes in (dict(sinks=4), dict(expand_mass=0.5)):
+        with pytest.raises(Exception, match=r"NYI: sinks=.* expand_mass="):
+            _run_native(library, q, k, v, None, DGAConfig(min_seq_len=0, **changes), True, 0.25,
+                        provider="CUDAExecutionProvider")
+
+
 def _sdpa(q, k, v, mask, is_causal, scale):
     if mask is not None and is_causal:
         mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
@@ -202,6 +217,41 @@ def test_native_missing_attributes_take_dgaconfig_defaults(library):
     torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.2, DGAConfig()), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("is_causal,mask_kind", [pytest.param(True, "pad", id="B2-H4-Hkv2-N203-D32-causal-padmask"),
+                                                 pytest.param(False, "random", id="B2-H4-Hkv2-N203-D32-randmask")])
+def test_native_sinks_and_expansion_match_reference(library, is_causal, mask_kind):
+    """Sinks and step 5′ read from the node's attributes (query blocks that do not divide N); each of
+    the five fields changes the output of these inputs."""
+    cfg = DGAConfig(min_seq_len=0, group_size=4, window=8, num_probe=16, sinks=4, expand_mass=0.8, expand_bias=0.5,
+                    query_block=30, expand_max=0.6)
+    q, k, v = _inputs(2, 4, 2, 203, 203, 32, 32, seed=17)
+    mask = _mask(mask_kind, 2, 4, 203)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=0.5, config=cfg)
+    torch.testing.assert_close(_run_native(library, q, k, v, mask, cfg, is_causal, 0.5), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_native_missing_expansion_attributes_take_dgaconfig_defaults(library):
+    """expand_bias, query_block, expand_max default as in DGAConfig when a node gives only τ."""
+    q, k, v = _inputs(1, 2, 2, 150, 150, 16, 16, seed=19)
+    attributes = {"is_causal": 1, "scale": 0.3, "min_seq_len": 0, "group_size": 4, "window": 8, "expand_mass": 0.6}
+    cfg = DGAConfig(min_seq_len=0, group_size=4, window=8, expand_mass=0.6)
+    out = _run_native(library, q, k, v, None, None, True, 0.3, attributes=attributes)
+    torch.testing.assert_close(out, reference_attention(q, k, v, None, True, 0.3, cfg), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    pytest.param("sinks", -1, r"sinks=-1 >= 0", id="sinks-negative"),
+    pytest.param("expand_mass", 1.0, r"expand_mass=1\.0+ in \[0,1\)", id="expand_mass-1"),
+    pytest.param("expand_bias", float("inf"), r"expand_bias=inf finite", id="expand_bias-inf"),
+    pytest.param("query_block", 0, r"query_block=0 >= 1", id="query_block-0"),
+    pytest.param("expand_max", 0.0, r"expand_max=0\.0+ in \(0,1\]", id="expand_max-0"),
+])
+def test_native_bad_expansion_attribute_raises(library, name, value, message):
+    attrs = node_attributes(DGAConfig(), True, 0.125) | {name: value}
+    with pytest.raises(Exception, match=message):
+        _session(library, _model(False, attrs)).run(None, {n: np.zeros((1, 1, 4, 8), np.float32) for n in "qkv"})
+
+
 def test_native_missing_scale_raises(library):
     with pytest.raises(Exception, match=r"scale attribute is required"):
         _session(library, _model(False, {"is_causal": 1})).run(None, {n: np.zeros((1, 1, 4, 8), np.float32) for n in "qkv"})
@@ -223,9 +273,11 @@ _WORK_ITEM_FAILS = textwrap.dedent("""
     so.intra_op_num_threads = 2
     so.register_custom_ops_library(sys.argv[1])
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    q, k = (np.ones((1, 2, 4096, 2048), np.float32) for _ in range(2))
-    v = np.ones((1, 2, 4096, 16), np.float32)
-    # Address space for the output but not for the per-head key panels a work item builds.
+    # Zeros (calloc'ed, untouched) so that the inputs take address space but no memory.
+    q, k = (np.zeros((1, 2, 8192, 4096), np.float32) for _ in range(2))
+    v = np.zeros((1, 2, 8192, 16), np.float32)
+    # Address space for the output but not for the 128 MiB key panel a work item builds (more
+    # than the allocator may hold free from before).
     used = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (used + 8 * 2**20, resource.RLIM_INFINITY))
     try:

@@ -1,9 +1,10 @@
-// CPU DGA: steps 1-3 per (b, kv head), step 4 per (b, query head), step 5 per (b, query head,
-// block of BLOCK query rows) over the block's candidate keys in three segments: the visible focus
-// prefix, the complete-group prefix and the raw non-focus tokens some row of the block needs. Keys
-// and values sit in panels built once per head (keys transposed, zero-padded), so a block copies
-// nothing but its queries: S = Q·Kᵀ and O = P·V are register-tiled GEMMs per segment, with an
-// exact row softmax over the segments in between.
+// CPU DGA: steps 1-3 per (b, kv head), step 4 per (b, query head), steps 5′ and 5 per (b, query
+// head, block of query rows) over the block's candidate keys in segments: the visible focus prefix,
+// the complete-group prefix, the raw non-focus tokens some row of the block needs and (step 5′) the
+// members of the block's expanded groups. Keys and values sit in panels built once per head (keys
+// transposed, zero-padded), so a block copies nothing but its queries and its expanded members:
+// S = Q·Kᵀ and O = P·V are register-tiled GEMMs per segment, with an exact row softmax over the
+// segments in between. Step 5′'s estimate reuses the block's S (its group columns with βe·log m).
 #include "dga_cpu.h"
 
 #include <algorithm>
@@ -27,7 +28,7 @@ typedef float vec __attribute__((vector_size(VW * 4)));
 typedef int32_t veci __attribute__((vector_size(VW * 4)));
 constexpr int64_t TILE_N = 2 * VW;
 
-constexpr int64_t BLOCK = 64;  // query rows per work item
+constexpr int64_t BLOCK = 64;  // query rows per work item (step 5′: DGAConfig.query_block)
 constexpr int64_t PROBE_ROWS = 16 * TILE_M;  // probe rows scored per GEMM
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -147,15 +148,13 @@ void build_panels(const Problem& pr, const float* kb, const float* vb, Selection
   panel(sel.n, sel.nonfocus);
 }
 
-// Step 1: s[j] = Σ_{h∈g} Σ_{p∈P} softmax_j(scale·q[h,p]·k[j] | Visible(p, j)); step 2: top n_f, ties by position.
-void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float* k, const float* v, Selection& sel) {
+// Step 1: s[j] = Σ_{h∈g} Σ_{p∈P} softmax_j(scale·q[h,p]·k[j] | Visible(p, j)) into score [Nk].
+void score_keys(const Problem& pr, int64_t b, int64_t g, const float* q, const float* kb, std::vector<float>& score) {
   const int64_t D = pr.D, Nk = pr.Nk, rep = pr.Hq / pr.Hkv;
   const int64_t r = std::min(pr.p.num_probe, pr.Nq), rows = rep * r, nk_pad = pad_n(Nk);
-  const float* kb = k + (b * pr.Hkv + g) * Nk * D;
   std::vector<float> kt(D * nk_pad, 0.0f), probes(PROBE_ROWS * D), logits(PROBE_ROWS * nk_pad);
   for (int64_t j = 0; j < Nk; ++j)
     for (int64_t d = 0; d < D; ++d) kt[d * nk_pad + j] = kb[j * D + d];
-  std::vector<float> score(Nk, 0.0f);
   const float scale = pr.scale();
   for (int64_t row0 = 0; row0 < rows; row0 += PROBE_ROWS) {  // probe rows (h, p) in chunks
     const int64_t n_rows = std::min(PROBE_ROWS, rows - row0);
@@ -174,6 +173,16 @@ void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float
         for (int64_t j = 0; j < Nk; ++j) score[j] += lg[j] / sum;
     }
   }
+}
+
+// Steps 1-3: the sinks, then the top ceil(γ·Nk) others by score (ties by position; no scoring when
+// none is chosen by score), the non-focus order cut into groups, and the panels.
+void select(const Problem& pr, int64_t b, int64_t g, const float* q, const float* k, const float* v, Selection& sel) {
+  const int64_t Nk = pr.Nk;
+  const float* kb = k + (b * pr.Hkv + g) * Nk * pr.D;
+  std::vector<float> score(Nk, 0.0f);
+  if (pr.num_scored() > 0) score_keys(pr, b, g, q, kb, score);
+  std::fill(score.begin(), score.begin() + std::min(pr.p.sinks, Nk), std::numeric_limits<float>::infinity());
   const int64_t n_f = pr.num_focus();
   std::vector<int64_t> order(Nk);
   std::iota(order.begin(), order.end(), 0);
@@ -238,17 +247,21 @@ struct Segment {
   float bias = 0.0f;
 };
 
+// The segments of a block's candidates, in the order they sit in S.
+enum { FOCUS, GROUPS, RAW, EXPANDED, SEGMENTS };
+
 // Scratch reused by the work items one thread runs. The block's candidates are the segments
-// focus, groups, raw, laid side by side in S with each padded to TILE_N columns; ok[row, column]
-// says whether the row may use that candidate (0 on padding).
+// focus, groups, raw and expanded (step 5′), laid side by side in S with each padded to TILE_N
+// columns; ok[row, column] says whether the row may use that candidate (0 on padding).
 struct Scratch {
-  Segment seg[3];
+  Segment seg[SEGMENTS];
   int64_t width = 0;  // Σ pad_n(count)
-  std::vector<char> ok;
-  Panel raw_panel;  // raw tokens of a masked block, gathered
-  std::vector<float> qb, s, o, sums;
-  std::vector<char> complete, need;
-  std::vector<int64_t> raw;
+  std::vector<char> ok, ok_next;
+  Panel raw_panel;       // raw tokens of a masked block, gathered
+  Panel expanded_panel;  // members of the block's expanded groups, gathered (step 5′)
+  std::vector<float> qb, s, s_next, o, sums, estimate;
+  std::vector<char> complete, need, in_e;
+  std::vector<int64_t> raw, expanded;
   std::vector<char> mask_all;
   const bool* mask_all_row = nullptr;
 
@@ -257,8 +270,10 @@ struct Scratch {
     for (int t = 0; t < which; ++t) off += pad_n(seg[t].count);
     return off;
   }
+  // ok for the segments 0 … EXPANDED − 1, all 0; no expanded member yet.
   void layout(int64_t rows) {
-    width = offset(3);
+    seg[EXPANDED] = Segment{};
+    width = offset(SEGMENTS);
     ok.assign(rows * width, 0);
   }
 };
@@ -271,8 +286,8 @@ int64_t count_le(const std::vector<int64_t>& sorted, int64_t x) {
 void candidates_dense(const Problem& pr, int64_t b, int64_t h, int64_t i0, int64_t i1, const Selection& sel,
                       Scratch& sc) {
   const int64_t jmax = pr.p.is_causal ? std::min(i1, pr.Nk) : pr.Nk;
-  sc.seg[0] = sc.seg[1] = Segment{};
-  sc.seg[2] = Segment{&sel.n, 0, jmax, 0.0f};
+  sc.seg[FOCUS] = sc.seg[GROUPS] = Segment{};
+  sc.seg[RAW] = Segment{&sel.n, 0, jmax, 0.0f};
   sc.layout(i1 - i0);
   for (int64_t i = i0; i < i1; ++i) {
     const bool* mrow = pr.mask ? pr.mask_row(b, h, i) : nullptr;
@@ -293,11 +308,11 @@ void candidates_unmasked(const Problem& pr, bool window, int64_t i0, int64_t i1,
   const int64_t raw_start = window ? count_le(sel.anchors, i0 - w) * m : G * m;
   const int64_t raw_stop = window ? count_le(sel.nonfocus, i1 - 1) : Nn;
   const int64_t n_raw = std::max<int64_t>(raw_stop - raw_start, 0);
-  sc.seg[0] = Segment{&sel.f, 0, focus_len, 0.0f};
-  sc.seg[1] = Segment{&groups, 0, n_group, group_logit};
-  sc.seg[2] = Segment{&sel.n, raw_start, n_raw, 0.0f};
+  sc.seg[FOCUS] = Segment{&sel.f, 0, focus_len, 0.0f};
+  sc.seg[GROUPS] = Segment{&groups, 0, n_group, group_logit};
+  sc.seg[RAW] = Segment{&sel.n, raw_start, n_raw, 0.0f};
   sc.layout(i1 - i0);
-  const int64_t group_at = sc.offset(1), raw_at = sc.offset(2);
+  const int64_t group_at = sc.offset(GROUPS), raw_at = sc.offset(RAW);
   for (int64_t i = i0; i < i1; ++i) {
     char* ok = &sc.ok[(i - i0) * sc.width];
     const int64_t f = window ? count_le(sel.focus, i) : focus_len;
@@ -370,11 +385,11 @@ void candidates_masked(const Problem& pr, bool window, int64_t b, int64_t h, int
   sc.raw_panel.assign(n_raw, pr.D, pr.Dv, [&](int64_t u) { return kb + sel.nonfocus[sc.raw[u]] * pr.D; },
                       [&](int64_t u) { return vb + sel.nonfocus[sc.raw[u]] * pr.Dv; });
   const int64_t focus_len = window ? count_le(sel.focus, i1 - 1) : n_f;
-  sc.seg[0] = Segment{&sel.f, 0, focus_len, 0.0f};
-  sc.seg[1] = Segment{&groups, 0, n_group, group_logit};
-  sc.seg[2] = Segment{&sc.raw_panel, 0, n_raw, 0.0f};
+  sc.seg[FOCUS] = Segment{&sel.f, 0, focus_len, 0.0f};
+  sc.seg[GROUPS] = Segment{&groups, 0, n_group, group_logit};
+  sc.seg[RAW] = Segment{&sc.raw_panel, 0, n_raw, 0.0f};
   sc.layout(rows);
-  const int64_t group_at = sc.offset(1), raw_at = sc.offset(2);
+  const int64_t group_at = sc.offset(GROUPS), raw_at = sc.offset(RAW);
   for (int64_t i = i0; i < i1; ++i) {
     const bool* mrow = pr.mask_row(b, h, i);
     char* ok = &sc.ok[(i - i0) * sc.width];
@@ -384,31 +399,135 @@ void candidates_masked(const Problem& pr, bool window, int64_t b, int64_t h, int
   }
 }
 
-// out rows [i0, i1) of one head = softmax(scale·Q·Kᵀ + bias | ok)·V over the block's segments.
-void attend(const Problem& pr, const float* qh, int64_t i0, int64_t i1, Scratch& sc, float* outh) {
-  const int64_t D = pr.D, Dv = pr.Dv, rows = i1 - i0, W = sc.width;
-  const int64_t rows_pad = round_up(rows, TILE_M), dv_pad = pad_n(Dv);
-  const float scale = pr.scale();
-  sc.qb.assign(rows_pad * D, 0.0f);
-  for (int64_t t = 0; t < rows * D; ++t) sc.qb[t] = scale * qh[i0 * D + t];
-  sc.s.resize(rows_pad * W);  // every column is written by one segment's GEMM
-  for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
+// S [rows_pad, width] of segments [from, SEGMENTS) = the block's scaled queries (sc.qb, filled
+// when from == 0) times their keys; raw logits, no bias.
+void scores(const Problem& pr, const float* qh, int64_t i0, int64_t i1, int from, Scratch& sc) {
+  const int64_t D = pr.D, rows_pad = round_up(i1 - i0, TILE_M), W = sc.width;
+  if (from == 0) {
+    const float scale = pr.scale();
+    sc.qb.assign(rows_pad * D, 0.0f);
+    for (int64_t t = 0; t < (i1 - i0) * D; ++t) sc.qb[t] = scale * qh[i0 * D + t];
+    sc.s.resize(rows_pad * W);  // every column is written by one segment's GEMM
+  }
+  for (int which = from; which < SEGMENTS; ++which) {
     const Segment& g = sc.seg[which];
     if (g.count > 0)
-      gemm(rows_pad, pad_n(g.count), D, sc.qb.data(), D, g.panel->kt.data() + g.first, g.panel->cols, &sc.s[at], W);
+      gemm(rows_pad, pad_n(g.count), D, sc.qb.data(), D, g.panel->kt.data() + g.first, g.panel->cols,
+           &sc.s[sc.offset(which)], W);
   }
+}
+
+// Σ of the entries of x[0:n) (n % VW == 0) that are >= at: step 5′'s mass above a threshold.
+float mass_from(const float* x, int64_t n, float at) {
+  vec sum = {};
+  for (int64_t c = 0; c < n; c += VW) {
+    const vec e = loadv(x + c);
+    sum += e >= at ? e : vec{};
+  }
+  float s = 0.0f;
+  for (int l = 0; l < VW; ++l) s += sum[l];
+  return s;
+}
+
+// Step 5′'s per-row set (selection.tau_sets) on one row's group numerators e[0:n) (n % VW == 0,
+// 0 where a group is not a candidate): marks in in_e the shortest run of groups, in decreasing e
+// (ties: smaller index), whose mass reaches `target` (the row's group mass less (1 − τ)·Σ of all
+// its numerators). The run is every group above the mass θ of its last member, found by
+// bisection on θ's bits (e >= 0 orders as its bits), plus the ties at θ in index order.
+void mark_tau_set(const float* e, int64_t n, float target, char* in_e) {
+  auto bits = [](float x) { int32_t b; std::memcpy(&b, &x, sizeof b); return b; };
+  auto value = [](int32_t b) { float x; std::memcpy(&x, &b, sizeof x); return x; };
+  int32_t lo = 1, hi = bits(*std::max_element(e, e + n)) + 1;  // mass_from(lo) >= target > mass_from(hi)
+  while (hi - lo > 1) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    (mass_from(e, n, value(mid)) >= target ? lo : hi) = mid;
+  }
+  const float theta = value(lo);
+  float acc = mass_from(e, n, value(lo + 1));
+  for (int64_t g = 0; g < n; ++g)
+    if (e[g] > theta) {
+      in_e[g] = 1;
+    } else if (e[g] == theta && acc < target) {
+      in_e[g] = 1;
+      acc += theta;
+    }
+}
+
+// Step 5′ for one block (selection.group_mass, tau_sets, block_expansion): from the base
+// candidates' S, each row's estimate (group logits with βe·log m) and τ-set, their union E and
+// the dense ceiling; then every group of E (every group some row completes, when dense) leaves
+// the group segment of the rows it is complete for, and its members join them raw in the
+// expanded segment (gathered from kb, vb). Rows whose estimate is not finite add nothing to E.
+void expand(const Problem& pr, int64_t rows, const Selection& sel, float expand_logit, const float* kb,
+            const float* vb, Scratch& sc) {
+  const int64_t m = pr.p.group_size, n_group = sc.seg[GROUPS].count, n_pad = pad_n(n_group);
+  const int64_t W = sc.width, group_at = sc.offset(GROUPS);
+  const float keep = static_cast<float>(1.0 - pr.p.expand_mass);
+  sc.in_e.assign(n_pad, 0);
+  sc.estimate.resize(W);
+  float* est = sc.estimate.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* srow = &sc.s[r * W];
+    const char* ok = &sc.ok[r * W];
+    for (int which = 0, at = 0; which < EXPANDED; at += pad_n(sc.seg[which++].count)) {
+      const float bias = which == GROUPS ? expand_logit : sc.seg[which].bias;
+      for (int64_t t = at; t < at + pad_n(sc.seg[which].count); ++t) est[t] = ok[t] ? srow[t] + bias : NEG_INF;
+    }
+    const float sum = softmax_numerators(est, W);
+    if (!(sum > 0.0f && std::isfinite(sum)) || n_group == 0) continue;
+    const float target = mass_from(est + group_at, n_pad, std::numeric_limits<float>::denorm_min()) - keep * sum;
+    if (target > 0.0f) mark_tau_set(est + group_at, n_pad, target, sc.in_e.data());
+  }
+  const char* last = &sc.ok[(rows - 1) * W + group_at];
+  const int64_t n_e = std::count(sc.in_e.begin(), sc.in_e.end(), 1);
+  const bool dense = static_cast<float>(n_e) >
+                     static_cast<float>(pr.p.expand_max) * static_cast<float>(std::count(last, last + n_group, 1));
+  sc.expanded.clear();
+  for (int64_t gi = 0; gi < n_group; ++gi) {
+    bool used = sc.in_e[gi];
+    for (int64_t r = 0; dense && !used && r < rows; ++r) used = sc.ok[r * W + group_at + gi];
+    if (used) sc.expanded.push_back(gi);
+  }
+  if (sc.expanded.empty()) return;
+  // The expanded segment: its panel, S and ok laid out again with its columns at the end.
+  const int64_t n_x = static_cast<int64_t>(sc.expanded.size()) * m, rows_pad = round_up(rows, TILE_M);
+  auto member = [&](int64_t u) { return sel.nonfocus[sc.expanded[u / m] * m + u % m]; };
+  sc.expanded_panel.assign(n_x, pr.D, pr.Dv, [&](int64_t u) { return kb + member(u) * pr.D; },
+                           [&](int64_t u) { return vb + member(u) * pr.Dv; });
+  sc.seg[EXPANDED] = Segment{&sc.expanded_panel, 0, n_x, 0.0f};
+  sc.width = W + pad_n(n_x);
+  sc.s_next.resize(rows_pad * sc.width);
+  sc.ok_next.assign(rows * sc.width, 0);
+  for (int64_t r = 0; r < rows_pad; ++r) std::memcpy(&sc.s_next[r * sc.width], &sc.s[r * W], W * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    char* ok = &sc.ok_next[r * sc.width];
+    std::memcpy(ok, &sc.ok[r * W], W);
+    for (size_t x = 0; x < sc.expanded.size(); ++x) {
+      char& group_ok = ok[group_at + sc.expanded[x]];
+      std::memset(ok + W + x * m, group_ok, m);
+      group_ok = 0;
+    }
+  }
+  std::swap(sc.s, sc.s_next);
+  std::swap(sc.ok, sc.ok_next);
+}
+
+// out rows [i0, i1) of one head = softmax(S + bias | ok)·V over the block's segments, S from scores().
+void attend(const Problem& pr, int64_t i0, int64_t i1, Scratch& sc, float* outh) {
+  const int64_t Dv = pr.Dv, rows = i1 - i0, W = sc.width;
+  const int64_t rows_pad = round_up(rows, TILE_M), dv_pad = pad_n(Dv);
   sc.sums.assign(rows_pad, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* srow = &sc.s[r * W];
     const char* ok = &sc.ok[r * W];
-    for (int which = 0, at = 0; which < 3; at += pad_n(sc.seg[which++].count)) {
+    for (int which = 0, at = 0; which < SEGMENTS; at += pad_n(sc.seg[which++].count)) {
       const float bias = sc.seg[which].bias;
       for (int64_t t = at; t < at + pad_n(sc.seg[which].count); ++t) srow[t] = ok[t] ? srow[t] + bias : NEG_INF;
     }
     sc.sums[r] = softmax_numerators(srow, W);
   }
   sc.o.assign(rows_pad * dv_pad, 0.0f);
-  for (int which = 0, at = 0, first = 1; which < 3; at += pad_n(sc.seg[which++].count)) {
+  for (int which = 0, at = 0, first = 1; which < SEGMENTS; at += pad_n(sc.seg[which++].count)) {
     const Segment& g = sc.seg[which];
     if (g.count > 0)
       gemm(rows_pad, dv_pad, pad_n(g.count), &sc.s[at], W, g.panel->v.data() + g.first * dv_pad, dv_pad,
@@ -436,9 +555,11 @@ bool window_applies_cpu(const Problem& pr, const int64_t mask_shape[4]) {
 
 void attention_cpu(const Problem& pr, bool window, const float* q, const float* k, const float* v,
                    float* out, const ParallelFor& parallel_for) {
-  const int64_t rep = pr.Hq / pr.Hkv, n_blocks = (pr.Nq + BLOCK - 1) / BLOCK;
-  const bool dga = pr.dga_applies();
-  const float group_logit = pr.p.group_bias * std::log(static_cast<float>(pr.p.group_size));
+  const bool dga = pr.dga_applies(), expanding = dga && pr.expanding();
+  const int64_t rep = pr.Hq / pr.Hkv, block = expanding ? std::min(pr.p.query_block, std::max<int64_t>(pr.Nq, 1)) : BLOCK;
+  const int64_t n_blocks = (pr.Nq + block - 1) / block;
+  const float log_m = std::log(static_cast<float>(pr.p.group_size));
+  const float group_logit = pr.p.group_bias * log_m, expand_logit = pr.p.expand_bias * log_m;
   std::vector<Selection> sel(pr.B * pr.Hkv);
   std::vector<Panel> groups(dga ? pr.B * pr.Hq : 0);
   auto kv = [&](const float* x, int64_t bg, int64_t width) { return x + bg * pr.Nk * width; };
@@ -460,7 +581,7 @@ void attention_cpu(const Problem& pr, bool window, const float* q, const float* 
     sc.mask_all.clear();
     const size_t item = total - 1 - reversed;
     const int64_t bh = item / n_blocks, b = bh / pr.Hq, h = bh % pr.Hq, bg = b * pr.Hkv + h / rep;
-    const int64_t i0 = item % n_blocks * BLOCK, i1 = std::min(i0 + BLOCK, pr.Nq);
+    const int64_t i0 = item % n_blocks * block, i1 = std::min(i0 + block, pr.Nq);
     if (!dga)
       candidates_dense(pr, b, h, i0, i1, sel[bg], sc);
     else if (pr.mask == nullptr)
@@ -468,7 +589,12 @@ void attention_cpu(const Problem& pr, bool window, const float* q, const float* 
     else
       candidates_masked(pr, window, b, h, i0, i1, sel[bg], groups[bh], group_logit, kv(k, bg, pr.D),
                         kv(v, bg, pr.Dv), sc);
-    attend(pr, q + bh * pr.Nq * pr.D, i0, i1, sc, out + bh * pr.Nq * pr.Dv);
+    scores(pr, q + bh * pr.Nq * pr.D, i0, i1, 0, sc);
+    if (expanding) {
+      expand(pr, i1 - i0, sel[bg], expand_logit, kv(k, bg, pr.D), kv(v, bg, pr.Dv), sc);
+      scores(pr, q + bh * pr.Nq * pr.D, i0, i1, EXPANDED, sc);
+    }
+    attend(pr, i0, i1, sc, out + bh * pr.Nq * pr.Dv);
   });
 }
 

@@ -68,6 +68,11 @@ dga::Params read_params(const OrtKernelInfo* info) {
   p.window = attribute_or<int64_t>(info, "window", p.window);
   p.group_bias = attribute_or<float>(info, "group_bias", p.group_bias);
   p.min_seq_len = attribute_or<int64_t>(info, "min_seq_len", p.min_seq_len);
+  p.sinks = attribute_or<int64_t>(info, "sinks", p.sinks);
+  p.expand_mass = shortest_decimal(attribute_or<float>(info, "expand_mass", static_cast<float>(p.expand_mass)));
+  p.expand_bias = attribute_or<float>(info, "expand_bias", p.expand_bias);
+  p.query_block = attribute_or<int64_t>(info, "query_block", p.query_block);
+  p.expand_max = shortest_decimal(attribute_or<float>(info, "expand_max", static_cast<float>(p.expand_max)));
   p.is_causal = attribute_or<int64_t>(info, "is_causal", 0) != 0;
   const std::optional<float> scale = attribute<float>(info, "scale");
   if (!scale)
@@ -75,12 +80,18 @@ dga::Params read_params(const OrtKernelInfo* info) {
                       "use 1/sqrt(D) for SDPA's default)", ORT_INVALID_ARGUMENT);
   p.scale = *scale;
   if (!(p.focus_ratio >= 0.0 && p.focus_ratio <= 1.0) || p.group_size < 1 || p.num_probe < 1 ||
-      p.window < 0 || !(p.group_bias >= 0.0f && std::isfinite(p.group_bias)) || p.min_seq_len < 0)
+      p.window < 0 || !(p.group_bias >= 0.0f && std::isfinite(p.group_bias)) || p.min_seq_len < 0 || p.sinks < 0 ||
+      !(p.expand_mass >= 0.0 && p.expand_mass < 1.0) || !(p.expand_bias >= 0.0f && std::isfinite(p.expand_bias)) ||
+      p.query_block < 1 || !(p.expand_max > 0.0 && p.expand_max <= 1.0))
     ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention: attributes out of range (focus_ratio=" +
                           std::to_string(p.focus_ratio) + " in [0,1], group_size=" + std::to_string(p.group_size) +
                           " >= 1, num_probe=" + std::to_string(p.num_probe) + " >= 1, window=" +
                           std::to_string(p.window) + " >= 0, group_bias=" + std::to_string(p.group_bias) +
-                          " finite >= 0, min_seq_len=" + std::to_string(p.min_seq_len) + " >= 0); see DGAConfig",
+                          " finite >= 0, min_seq_len=" + std::to_string(p.min_seq_len) + " >= 0, sinks=" +
+                          std::to_string(p.sinks) + " >= 0, expand_mass=" + std::to_string(p.expand_mass) +
+                          " in [0,1), expand_bias=" + std::to_string(p.expand_bias) + " finite >= 0, query_block=" +
+                          std::to_string(p.query_block) + " >= 1, expand_max=" + std::to_string(p.expand_max) +
+                          " in (0,1]); see DGAConfig",
                       ORT_INVALID_ARGUMENT);
   return p;
 }
@@ -179,10 +190,16 @@ struct Cpu {
 };
 
 #ifdef DGA_WITH_CUDA
-// The CUDA kernel: everything on the session's compute stream.
+// The CUDA kernel: everything on the session's compute stream. It has no sinks and no step 5′ yet.
 struct Cuda {
   static void run(const Ort::KernelContext& ctx, dga::Problem& pr, const int64_t mask_shape[4], const float* q,
                   const float* k, const float* v, float* out) {
+    if (pr.dga_applies() && (pr.p.sinks > 0 || pr.expanding()))
+      ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention (CUDA): NYI: sinks=" + std::to_string(pr.p.sinks) +
+                            " and expand_mass=" + std::to_string(pr.p.expand_mass) +
+                            " (the CUDA kernel computes sinks=0, expand_mass=0 only); run this node on the "
+                            "CPUExecutionProvider",
+                        ORT_NOT_IMPLEMENTED);
     const std::string err = dga::attention_cuda(pr, mask_shape, q, k, v, out, ctx.GetGPUComputeStream());
     if (!err.empty()) ORT_CXX_API_THROW("ai.dga.DynamicGroupAttention (CUDA): " + err, ORT_RUNTIME_EXCEPTION);
   }

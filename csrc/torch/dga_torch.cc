@@ -15,7 +15,8 @@ namespace {
 // applies (dga_compile._validation.causal_like).
 void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                    at::Tensor& out, bool is_causal, bool local_window, double scale, double focus_ratio,
-                   int64_t group_size, int64_t num_probe, int64_t window, double group_bias) {
+                   int64_t group_size, int64_t num_probe, int64_t window, double group_bias, int64_t sinks,
+                   double expand_mass, double expand_bias, int64_t query_block, double expand_max) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &out})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4,
                 "dga_native.attention_cpu: q, k, v, out must be contiguous 4-D float32 CPU tensors, got ",
@@ -30,13 +31,16 @@ void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               "[B, Hq, N, Dv] with Hq % Hkv == 0; got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), ", out ",
               out.sizes());
   TORCH_CHECK(scale > 0 && focus_ratio >= 0 && focus_ratio <= 1 && group_size >= 1 && num_probe >= 1 && window >= 0 &&
-                  group_bias >= 0,
+                  group_bias >= 0 && sinks >= 0 && expand_mass >= 0 && expand_mass < 1 && expand_bias >= 0 &&
+                  query_block >= 1 && expand_max > 0 && expand_max <= 1,
               "dga_native.attention_cpu: parameters out of range (scale=", scale, ", focus_ratio=", focus_ratio,
               ", group_size=", group_size, ", num_probe=", num_probe, ", window=", window, ", group_bias=",
-              group_bias, "); see DGAConfig");
+              group_bias, ", sinks=", sinks, ", expand_mass=", expand_mass, ", expand_bias=", expand_bias,
+              ", query_block=", query_block, ", expand_max=", expand_max, "); see DGAConfig");
   pr.p.focus_ratio = focus_ratio, pr.p.group_size = group_size, pr.p.num_probe = num_probe, pr.p.window = window;
   pr.p.group_bias = static_cast<float>(group_bias), pr.p.min_seq_len = 0, pr.p.is_causal = is_causal;
-  pr.p.scale = static_cast<float>(scale);
+  pr.p.scale = static_cast<float>(scale), pr.p.sinks = sinks, pr.p.expand_mass = expand_mass;
+  pr.p.expand_bias = static_cast<float>(expand_bias), pr.p.query_block = query_block, pr.p.expand_max = expand_max;
   at::Tensor visible;  // keeps the expanded mask alive while the kernel reads it
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4,
@@ -56,6 +60,7 @@ void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 TORCH_LIBRARY(dga_native, m) {
   m.def(
       "attention_cpu(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor(a!) out, bool is_causal, bool local_window, "
-      "float scale, float focus_ratio, int group_size, int num_probe, int window, float group_bias) -> ()");
+      "float scale, float focus_ratio, int group_size, int num_probe, int window, float group_bias, int sinks, "
+      "float expand_mass, float expand_bias, int query_block, float expand_max) -> ()");
   m.impl("attention_cpu", c10::DispatchKey::CPU, TORCH_FN(attention_cpu));
 }
