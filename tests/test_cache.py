@@ -263,3 +263,10 @@ def test_export_refuses_a_dga_cache_input():
         model(input_ids=ids, cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="Unsupported input type .*DGACache"):
         torch.export.export(model, (ids[:, :1],), {"cache": cache, "use_cache": True})
+
+
+@pytest.mark.parametrize("change", [dict(sinks=4), dict(expand_mass=0.8)], ids=["sinks", "expand"])
+def test_cache_refuses_fields_it_does_not_implement(change):
+    """The decode semantics have no sinks and no step 5′: the cache says so instead of ignoring them."""
+    with pytest.raises(ValueError, match=f"NYI: the DGA cache does not implement .*{next(iter(change))}"):
+        DGACache(SMALL.replace(**change))
