@@ -29,10 +29,8 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import DGAConfig
+from .report import write_text
 
 __all__ = ["DecodeMethod", "DecodeResult", "evaluate_decode", "add_arguments", "run_cli", "passkey_prompts",
            "snapkv_scores", "NEEDLE", "QUESTION"]
@@ -364,17 +363,10 @@ def rich_table(result: DecodeResult):
 
 
 def save_json(result: DecodeResult, path: Union[str, Path]) -> Path:
-    """Writes ``result`` as JSON through a temp file renamed into place (mode from the umask)."""
+    """Writes ``result`` as JSON, atomically (`report.write_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result.to_json(), f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(result.to_json(), indent=1))
 
 
 def add_arguments(p) -> None:
