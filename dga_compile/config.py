@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+import os
+from typing import TYPE_CHECKING, Literal, Optional, Union
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = ["DGAConfig", "IMPLEMENTATIONS", "INT64_MAX", "MAX_GROUP_BIAS", "MAX_GROUP_SIZE", "OP_FIELDS"]
 
@@ -65,6 +69,9 @@ class DGAConfig:
             (the HF layer index; in a traced graph, the order of its attention sites). Which
             layers lose most under DGA is model-specific: ``dga-compile eval MODEL --calibrate K``
             measures it and prints the K worst (docs/ACCURACY.md, "Per-layer budget").
+        plan: rewrite policy; a `dga_compile.plan.Plan` (or the path of a plan file, loaded on
+            construction): per site, "dense" or its own op parameters (``dga-compile calibrate``
+            measures one). `for_site` applies it; a site in ``dense_layers`` stays dense.
         strict: raise `dga_compile.RewriteError` when an attention site cannot be rewritten.
         report: print the rewrite report (a rich table) when the backend compiles a graph.
     """
@@ -83,6 +90,7 @@ class DGAConfig:
     expand_max: float = 1.0
     min_saving: float = 0.25
     dense_layers: tuple[int, ...] = ()
+    plan: Optional["Plan"] = None
     strict: bool = False
     report: bool = False
 
@@ -110,10 +118,40 @@ class DGAConfig:
         for name in ("strict", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DGAConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.plan is not None:
+            object.__setattr__(self, "plan", _validate_plan(self.plan))
 
     def replace(self, **changes) -> "DGAConfig":
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def for_site(self, position: Optional[int]) -> Optional["DGAConfig"]:
+        """What the attention site at ``position`` (model order, as `dense_layers`) runs: None when
+        it is kept dense (in `dense_layers`, or "dense" in the plan), else its config: the plan's
+        values for the site's op fields, no plan. An unknown position (None) runs this config."""
+        if position is not None and position in self.dense_layers:
+            return None
+        return self if self.plan is None else self.plan.site_config(position, self)
+
+    def budget(self) -> str:
+        """The op parameters in short, e.g. ``"γ=0.1 m=16 w=256 β=0.25 r=128"`` (sinks and step 5′ when on)."""
+        sinks = f" s={self.sinks}" if self.sinks else ""
+        expand = (f" τ={self.expand_mass:g} βe={self.expand_bias:g} b={self.query_block} max={self.expand_max:g}"
+                  if self.expand_mass else "")
+        return (f"γ={self.focus_ratio:g} m={self.group_size} w={self.window} β={self.group_bias:g} "
+                f"r={self.num_probe}{sinks}{expand}")
+
+
+def _validate_plan(plan: Union["Plan", str, os.PathLike]) -> "Plan":
+    from .plan import Plan
+
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"DGAConfig.plan must be a dga_compile.plan.Plan or the path of a plan file, got "
+                        f"{type(plan).__name__} {plan!r}; use e.g. DGAConfig(plan='plan.json') (written by "
+                        f"`dga-compile calibrate MODEL`)")
+    return plan
 
 
 def _validate_range(name, value, lo, hi, example, hi_open=False, lo_open=False):

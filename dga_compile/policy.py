@@ -4,8 +4,10 @@ One decision for every entry point: the rewrite (``torch.compile(backend="dga")`
 `dga_compile.rewrite`, ONNX export) asks `decide` for each attention site of a graph, the
 Hugging Face integration (``attn_implementation="dga"``) for each layer call, each with what it
 knows about the site (`SiteFacts`): the graph proves a sliding window from the mask it builds,
-HF states it in the layer's ``sliding_window``. The knobs are `DGAConfig.dense_layers` and
-`DGAConfig.min_saving`. Exactness (γ = 1, Nk < min_seq_len) is the op's business, not policy.
+HF states it in the layer's ``sliding_window``. The knobs are `DGAConfig.dense_layers`,
+`DGAConfig.plan` (per site "dense" or its own parameters: `DGAConfig.for_site`) and
+`DGAConfig.min_saving`. A rewritten site runs `Decision.config`, the site's own config.
+Exactness (γ = 1, Nk < min_seq_len) is the op's business, not policy.
 
 Each entry point records its decisions as `Site` s in a `RewriteReport` (the rewrite's report,
 ``dga_compile.integrations.transformers.last_report`` for HF layers). The module sits below
@@ -63,10 +65,12 @@ class SiteFacts:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """``rewrite``: the site becomes DGA; ``reason``: why not, or notes for a rewritten site ("" if none)."""
+    """``rewrite``: the site becomes DGA; ``reason``: why not, or notes for a rewritten site ("" if none);
+    ``config``: what a rewritten site runs (`DGAConfig.for_site`), None for a dense one."""
 
     rewrite: bool
     reason: str = ""
+    config: Optional[DGAConfig] = None
 
 
 def kept_fraction(config: DGAConfig, window: int) -> float:
@@ -86,15 +90,18 @@ def decide(facts: SiteFacts, config: DGAConfig) -> Decision:
     if facts.position is not None and facts.position in config.dense_layers:
         return Decision(False, f"attention site {facts.position} is in DGAConfig.dense_layers="
                                f"{config.dense_layers}: kept dense")
+    site = config.for_site(facts.position)
+    if site is None:
+        return Decision(False, f"plan {config.plan.name}: site {facts.position} dense")
     if facts.window and (facts.nk is None or facts.window < facts.nk):  # a window ≥ Nk limits nothing
-        kept = kept_fraction(config, facts.window)
-        if 1.0 - kept < config.min_saving:
+        kept = kept_fraction(site, facts.window)
+        if 1.0 - kept < site.min_saving:
             return Decision(False, f"the mask limits each query to a sliding window of {facts.window} keys: DGA "
                                    f"would attend ≈{kept:.0%} of them, saving less than "
-                                   f"min_saving={config.min_saving:g}")
+                                   f"min_saving={site.min_saving:g}")
     if facts.causal is False:
-        return Decision(True, NOT_CAUSAL if facts.same_sequence else NOT_CAUSAL_UNKNOWN)
-    return Decision(True)
+        return Decision(True, NOT_CAUSAL if facts.same_sequence else NOT_CAUSAL_UNKNOWN, site)
+    return Decision(True, "", site)
 
 
 # ---------------------------------------------------------------------------- the record
@@ -115,7 +122,8 @@ class Site:
         reason: why not (or, for rewritten sites, notes such as the derived scale).
         node: name of the graph node that anchors the site.
         position: the site's place in model order, as `SiteFacts.position` (the layer
-            index for HF models); what `DGAConfig.dense_layers` names.
+            index for HF models); what `DGAConfig.dense_layers` and `DGAConfig.plan` name.
+        budget: a rewritten site's parameters (`DGAConfig.budget`), "" for a dense one.
     """
 
     rule: str
@@ -130,10 +138,12 @@ class Site:
     reason: str
     node: str
     position: Optional[int] = None
+    budget: str = ""
 
     def describe(self) -> str:
         where = self.module or self.node
-        state = "rewritten" if self.rewritten else f"left dense: {self.reason}"
+        state = (f"rewritten ({self.budget})" if self.budget else "rewritten") if self.rewritten else \
+            f"left dense: {self.reason}"
         return f"{where} [{self.rule} {'/'.join(self.tags)}] q{_shape(self.q_shape)} mask={self.mask} " \
                f"causal={self.causal}: {state}"
 
@@ -176,12 +186,12 @@ class RewriteReport:
         from rich.table import Table
 
         t = Table(title=f"dga-compile: {self.summary()}")
-        for col in ("module", "rule", "q / k / v", "mask", "causal", "rewritten", "reason"):
+        for col in ("module", "rule", "q / k / v", "mask", "causal", "rewritten", "budget", "reason"):
             t.add_column(col, overflow="fold")
         for s in self.sites:
             shapes = " ".join(_shape(x) for x in (s.q_shape, s.k_shape, s.v_shape))
             t.add_row(s.module or s.node, f"{s.rule} {'/'.join(s.tags)}", shapes, s.mask, s.causal,
-                      "yes" if s.rewritten else "no", s.reason)
+                      "yes" if s.rewritten else "no", s.budget, s.reason)
         return t
 
     def print(self, console=None) -> None:

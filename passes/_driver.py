@@ -39,8 +39,9 @@ def rewrite(program: Program, config: Optional[DGAConfig] = None) -> tuple[Progr
     Args:
         program: a `torch.fx.GraphModule` (torch- or ATen-level) or a `torch.export.ExportedProgram`.
             It is not mutated: the rewrite works on a deep copy.
-        config: `DGAConfig` baked into the inserted calls (default ``DGAConfig()``); with
-            ``strict=True`` a site that stays dense raises `RewriteError`.
+        config: `DGAConfig` baked into the inserted calls (default ``DGAConfig()``; with a plan,
+            each site's own config, `DGAConfig.for_site`); with ``strict=True`` a site that stays
+            dense raises `RewriteError`.
 
     Returns:
         (rewritten copy of the same kind, `RewriteReport` listing every site and near miss).
@@ -131,12 +132,12 @@ def _apply(graph: fx.Graph, rule: Rule, m: Match, cfg: DGAConfig, consts: dict, 
             m.scale = 1.0 / math.sqrt(d)
         else:
             _tag_scale(m)
-        rule.rewrite(graph, m, cfg)
+        rule.rewrite(graph, m, decision.config)
     shapes = [None if x is None else x.shape for x in (m.q, m.k, m.v)]
     notes = "; ".join(x for x in (decision.reason, _notes(m)) if x) if decision.rewrite else decision.reason
     return Site(m.rule, tuple(m.tags), module, *shapes, masks.kind,
                 "yes" if m.is_causal else ("mask" if m.masks else "no"), decision.rewrite, notes, m.anchor.name,
-                facts.position)
+                facts.position, decision.config.budget() if decision.rewrite else "")
 
 
 def _tag_scale(m: Match) -> None:

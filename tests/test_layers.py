@@ -23,7 +23,8 @@ ROOTS = {"dga_compile": "dga_compile", "passes": "dga_compile.passes", "kernels"
 
 #: (layer, group, module prefixes), lowest first. A prefix covers its submodules.
 LAYERS = [
-    (0, "base", ("dga_compile.errors", "dga_compile.config", "dga_compile._validation")),
+    (0, "base", ("dga_compile.errors", "dga_compile.config", "dga_compile._validation", "dga_compile.plan",
+                 "dga_compile._files")),
     (1, "selection", ("dga_compile.selection",)),                        # steps 1–4 of the spec
     (2, "reference", ("dga_compile.reference", "dga_compile.decode_reference")),  # the spec in code
     (3, "blocked", ("dga_compile.blocked", "dga_compile._blocked_fast")),  # the implementations ...
@@ -40,7 +41,7 @@ LAYERS = [
     (8, "package", ("dga_compile.__init__",)),                           # what `import dga_compile` exposes
     (9, "eval", ("dga_compile.eval", "dga_compile.models")),             # evaluation; load_model (its aliases fetch)
     (10, "deploy", ("dga_compile.deploy",)),                             # convert / inspect / compare as functions
-    (11, "cli", ("dga_compile.cli", "dga_compile._command", "dga_compile.eval.cli",
+    (11, "cli", ("dga_compile.cli", "dga_compile._command", "dga_compile.eval.cli", "dga_compile.eval.plan_cli",
                  "dga_compile.eval.__main__")),                          # the command lines; nothing imports them
 ]
 #: Imported only inside the functions that build or fetch; they import only `errors`.

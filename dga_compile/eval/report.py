@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Union
 
+from .._files import write_text
 from .run import EvalResult, MethodResult
 
 __all__ = ["rich_table", "markdown_table", "markdown_window_table", "markdown_depth_table", "site_summary",
@@ -120,15 +121,6 @@ def _layers(layers: list) -> str:
 def save_json(result: EvalResult, path: Union[str, Path]) -> Path:
     """Writes ``result`` as JSON (atomically: a reader never sees half a file)."""
     return write_text(path, json.dumps(result.to_json(), indent=1))
-
-
-def write_text(path: Union[str, Path], text: str) -> Path:
-    """Writes ``text`` to ``path`` through a temporary file renamed into place (mode from the umask)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def load_json(path: Union[str, Path]) -> EvalResult:

@@ -10,7 +10,8 @@ would get: None for plain causal/bidirectional layers (the function then passes
 ``is_causal``), a bool [B, 1, Nq, Nk] mask for padding and sliding-window layers (their window
 is kept). Each call asks the site policy (`dga_compile.policy`, the same decision
 ``torch.compile(backend="dga")``, `dga_compile.rewrite` and ONNX export make) whether the layer
-runs DGA: layers in ``DGAConfig.dense_layers``, sliding-window layers whose window leaves DGA
+runs DGA, and with which config: layers in ``DGAConfig.dense_layers`` or dense in
+``DGAConfig.plan``, sliding-window layers whose window leaves DGA
 less than ``DGAConfig.min_saving`` to save, and decode steps (Nq ≠ Nk) run SDPA. `last_report`
 lists each layer's decision and reason.
 
@@ -50,10 +51,11 @@ def register(config: Optional[DGAConfig] = None, name: str = "dga") -> str:
     """Registers DGA with ``config`` (default ``DGAConfig()``) as HF attention ``name``; returns ``name``.
 
     Registering again under the same name replaces the config (models look the function up
-    by name at every forward) and clears `last_report`.
+    by name at every forward) and clears `last_report`. With ``config.plan`` each layer runs its
+    own config (`DGAConfig.for_site`), its attend built once per layer.
     """
     cfg = validate_config(config)
-    return register_attention(name, dga_attend(cfg), config=cfg)
+    return register_attention(name, dga_attend(cfg), config=cfg, site_attend=dga_attend)
 
 
 def last_report(name: str = "dga") -> RewriteReport:
@@ -97,15 +99,19 @@ def eager_attention(q, k, v, attn_mask, is_causal, scale, dropout_p) -> tuple[Te
 
 
 def register_attention(name: str, attend: Attend, dense: Attend = sdpa, dense_layers: Sequence[int] = (),
-                       config: Optional[DGAConfig] = None) -> str:
+                       config: Optional[DGAConfig] = None,
+                       site_attend: Optional[Callable[[DGAConfig], Attend]] = None) -> str:
     """Registers any SDPA-contract function ``attend`` as HF attention ``name`` (with SDPA's masks).
 
     Layers the site policy keeps dense call ``dense``: with ``config``, its `DGAConfig` decides
-    (dense_layers, min_saving against a layer's sliding window); without, only ``dense_layers``
+    (dense_layers, plan, min_saving against a layer's sliding window); without, only ``dense_layers``
     and decode steps do (for attention functions other than DGA, e.g. evaluation baselines).
+    ``site_attend`` (with ``config``): builds a rewritten layer's attend from its own config
+    (`policy.Decision.config`) instead of ``attend``, once per layer.
     """
     _DECISIONS[name] = {}
-    return register_forward(name, hf_attention_forward(attend, dense, dense_layers, config, _DECISIONS[name]))
+    return register_forward(name, hf_attention_forward(attend, dense, dense_layers, config, _DECISIONS[name],
+                                                       site_attend))
 
 
 def register_forward(name: str, forward: Callable) -> str:
@@ -122,15 +128,24 @@ def register_forward(name: str, forward: Callable) -> str:
 
 
 def hf_attention_forward(attend: Attend, dense: Attend = sdpa, dense_layers: Sequence[int] = (),
-                         config: Optional[DGAConfig] = None, decisions: Optional[dict] = None) -> Callable:
+                         config: Optional[DGAConfig] = None, decisions: Optional[dict] = None,
+                         site_attend: Optional[Callable[[DGAConfig], Attend]] = None) -> Callable:
     """Wraps ``attend`` in the signature HF attention modules call (mirrors ``sdpa_attention_forward``);
     layers the site policy keeps dense (see `register_attention`) call ``dense``, and calls with
     ``output_attentions=True`` run `eager_attention` and return its weights. ``decisions``, when
-    given, receives each layer's `Site` (`last_report`).
+    given, receives each layer's `Site` (`last_report`); ``site_attend``: see `register_attention`.
 
     The HF function receives q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] and returns ([B, Nq, Hq, Dv], weights or None).
     """
     cfg = config or DGAConfig(dense_layers=tuple(dense_layers))
+    attends: dict = {}                                # layer position -> its attend (site_attend)
+
+    def rewritten(position, decision) -> Attend:
+        if site_attend is None:
+            return attend
+        if position not in attends:
+            attends[position] = site_attend(decision.config)
+        return attends[position]
 
     def forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -156,7 +171,7 @@ def hf_attention_forward(attend: Attend, dense: Attend = sdpa, dense_layers: Seq
                           f"output and the weights returned are dense eager attention's", stacklevel=2)
             out, weights = eager_attention(query, key, value, attention_mask, causal, scaling, float(dropout))
             return out.transpose(1, 2).contiguous(), weights
-        fn = attend if decision.rewrite else dense
+        fn = rewritten(facts.position, decision) if decision.rewrite else dense
         if cache_layer is not None:
             out = cache_layer.attend(query, attention_mask, scaling or query.shape[-1] ** -0.5,
                                      lambda: fn(query, key, value, attention_mask, causal, scaling, float(dropout)),
@@ -173,7 +188,7 @@ def _site(module, facts, decision, q, k, v, mask, causal) -> Site:
     where = type(module).__name__ + ("" if facts.position is None else f" (layer {facts.position})")
     return Site("hf-attention", (), where, tuple(q.shape), tuple(k.shape), tuple(v.shape), kind,
                 "yes" if causal else ("mask" if mask is not None else "no"), decision.rewrite, decision.reason, "",
-                facts.position)
+                facts.position, decision.config.budget() if decision.rewrite else "")
 
 
 def _validate_hf_kwargs(position_bias, kwargs) -> None:
