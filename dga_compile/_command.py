@@ -109,7 +109,7 @@ def usage_errors(what: str = "") -> Iterator[None]:
 # ------------------------------------------------------------------------- the DGA flags
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """``--focus-ratio`` … ``--expand-max``, ``--dense-layers``: DGAConfig fields (defaults: DGAConfig's)."""
+    """``--focus-ratio`` … ``--expand-max``, ``--dense-layers``, ``--plan``: DGAConfig fields (defaults: DGAConfig's)."""
     g = p.add_argument_group("DGA parameters (default: dga_compile.DGAConfig)")
     g.add_argument("--focus-ratio", type=float, help="γ, fraction of keys kept as focus tokens")
     g.add_argument("--group-size", type=int, help="m, tokens per aggregated group")
@@ -126,6 +126,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    "densely")
     g.add_argument("--dense-layers", metavar="I,J,...", help="attention sites (layers) kept dense, by position in "
                    "model order, e.g. 0,7,18 (`dga-compile eval MODEL --calibrate K` finds the worst)")
+    g.add_argument("--plan", metavar="PLAN.json", help="per-site budgets (\"dense\" or parameters) measured by "
+                   "`dga-compile calibrate MODEL`; sites it does not name take the flags above")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -136,6 +138,8 @@ def config_from_args(args: argparse.Namespace):
         changes = {f: getattr(args, f) for f in CONFIG_FLAGS if getattr(args, f) is not None}
         if args.dense_layers:
             changes["dense_layers"] = tuple(int(i) for i in args.dense_layers.split(","))
+        if args.plan:
+            changes["plan"] = args.plan
         return DGAConfig(**changes)
 
 

@@ -2,6 +2,7 @@
 
     dga-compile convert MODEL -o OUT.onnx [--focus-ratio ..] [--verify] [--force]
     dga-compile inspect MODEL
+    dga-compile calibrate MODEL --max-increase 2% -o plan.json
 
 MODEL is a torch.export archive (``.pt2``), a Hugging Face model directory (``config.json`` +
 safetensors) or alias (``smollm2``, ``minilm``), or, with ``--trust-pickle`` only, a pickled
@@ -33,6 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
     "convert": "dga_compile.cli:add_convert_parser",
     "inspect": "dga_compile.cli:add_inspect_parser",
     "eval": "dga_compile.eval.cli:add_parser",
+    "calibrate": "dga_compile.eval.plan_cli:add_parser",
     "build-ort-op": "dga_compile.onnx.native:add_parser",
     "build-ext": "dga_compile._extension:add_parser",
 }
@@ -76,7 +78,8 @@ def _step(out: Console):
 
 def _warn_kept_parameters(args: argparse.Namespace, out: Console, dga_sites: int, rewritten: int) -> None:
     """DGA flags do not change sites that called DGA before the rewrite: say so when flags were given."""
-    given = [f for f in CONFIG_FLAGS if getattr(args, f) is not None] + (["dense_layers"] if args.dense_layers else [])
+    given = [f for f in CONFIG_FLAGS if getattr(args, f) is not None] + \
+        [f for f in ("dense_layers", "plan") if getattr(args, f)]
     if given and dga_sites > rewritten:
         out.print(f"[yellow]warning:[/] {dga_sites - rewritten} site(s) of {args.model} already called DGA and keep "
                   f"their own parameters; the DGA flags ({', '.join(given)}) apply to the sites rewritten now",

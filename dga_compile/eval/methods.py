@@ -6,8 +6,8 @@ call its site: layer index and sliding window). Methods (``Method.kind``, one en
 each, returning the output and its `cost.Cost`):
 
 - ``dense``: SDPA.
-- ``dga``: `dynamic_group_attention` with a `DGAConfig`; `dga_cost` counts its entries from the
-  same focus split the op makes.
+- ``dga``: `dynamic_group_attention` with a `DGAConfig` (with a plan, each site's own config:
+  `DGAConfig.for_site`); `dga_cost` counts its entries from the same focus split the op makes.
 - ``streaming`` (StreamingLLM, Xiao et al. 2023): ``sinks`` first tokens + the last ``recent`` ones.
 - ``topk``: DGA's focus set (top γ·N keys by the last r queries' scores) + the last ``recent``
   tokens, no groups ("focus tokens without groups"); pays the probe scores. With ``cost_target``
@@ -69,11 +69,7 @@ class Method:
         c = self.config
         dense = f", layers {','.join(map(str, c.dense_layers))} dense" if c.dense_layers else ""
         if self.kind == "dga":
-            sinks = f" s={c.sinks}" if c.sinks else ""
-            expand = (f" τ={c.expand_mass:g} βe={c.expand_bias:g} b={c.query_block} max={c.expand_max:g}"
-                      if c.expand_mass else "")
-            return (f"DGA γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
-                    f"{sinks}{expand}{dense}")
+            return f"DGA {c.budget()}{f', plan {c.plan.name}' if c.plan else ''}{dense}"
         if self.kind == "streaming":
             return f"StreamingLLM {self.sinks} sinks + {self.recent} recent{dense}"
         if self.kind == "topk":
@@ -171,10 +167,16 @@ def attend_fn(method: Method, reason: str = ""):
 
     def attend(q, k, v, attn_mask, is_causal, scale, dropout_p):
         call = Call(q, k, v, attn_mask, is_causal, scale, dropout_p, current_site())
-        kind, why = method.kind, reason
-        if kind != "dense" and not dga_applies(q.shape[2], k.shape[2], method.config.min_seq_len):
-            kind, why = "dense", "Nq ≠ Nk" if q.shape[2] != k.shape[2] else f"N < min_seq_len={method.config.min_seq_len}"
-        out, cost = KINDS[kind](method, call)
+        kind, why, site = method.kind, reason, method
+        if kind == "dga" and method.config.plan is not None:        # the site's own config (DGAConfig.for_site)
+            cfg = method.config.for_site(call.site.layer)
+            if cfg is None:
+                kind, why = "dense", f"plan {method.config.plan.name}: site {call.site.layer} dense"
+            else:
+                site = dataclasses.replace(method, config=cfg)
+        if kind != "dense" and not dga_applies(q.shape[2], k.shape[2], site.config.min_seq_len):
+            kind, why = "dense", "Nq ≠ Nk" if q.shape[2] != k.shape[2] else f"N < min_seq_len={site.config.min_seq_len}"
+        out, cost = KINDS[kind](site, call)
         if CostMeter.active is not None:
             CostMeter.active.add(cost, call.site, kind, why)
         return out

@@ -95,11 +95,12 @@ def window_starts(num_tokens: int, seq_len: int, windows: int, between: bool = F
 class Evaluation:
     """A loaded model and its task (token windows or passkey trials); `run` measures one method
     against the dense run. ``loaded``: a `dga_compile.models.load_model` result (with its
-    tokenizer) to reuse: several lengths, one model."""
+    tokenizer) to reuse: several lengths, one model. ``between``: measure on the calibration
+    windows instead (`calibration_windows`; ``dga-compile calibrate``)."""
 
     def __init__(self, model_path: Union[str, Path], text: str, seq_len: int = 2048, windows: int = 3,
                  progress: bool = True, text_name: str = "text", task: str = "perplexity", trials: int = 20,
-                 seed: int = 0, loaded: Optional[LoadedModel] = None):
+                 seed: int = 0, loaded: Optional[LoadedModel] = None, between: bool = False):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         loaded = loaded or load_model(model_path, seq_len=seq_len, tokenizer=True)   # an HF directory or alias
@@ -117,7 +118,7 @@ class Evaluation:
                                                                    avoid=avoid))
         else:
             self.task = (_Perplexity if kind == "causal-lm" else _Embedding)(token_windows(self.tokenizer, text,
-                                                                                          seq_len, windows))
+                                                                                          seq_len, windows, between))
         self._locality: Optional[dict] = None
         self.reference = self._measure(Method("dense"))
         self.profiles = self.reference["profiles"]
@@ -146,8 +147,8 @@ class Evaluation:
 
     def run_with_baselines(self, config: DGAConfig, baselines: Sequence[str] = BASELINES) -> list[MethodResult]:
         """DGA at ``config``, then each of ``baselines`` at the cost DGA measured (every entry
-        counted); with ``config.dense_layers``, StreamingLLM and top-k twice: with no dense
-        layer, and with the same ones."""
+        counted); with ``config.dense_layers`` (or dense sites in ``config.plan``), StreamingLLM and
+        top-k twice: with no dense layer, and with the same ones."""
         from .perhead import plan_for_cost
 
         dga = self.run(Method("dga", config))
@@ -155,6 +156,8 @@ class Evaluation:
             return [dga]
         out = [dga]
         total = sum(p.dense for p in self.profiles.values())
+        if config.plan is not None:
+            config = config.replace(plan=None, dense_layers=(*config.dense_layers, *config.plan.dense_sites))
         for cfg in [config.replace(dense_layers=()), config] if config.dense_layers else [config]:
             if "streaming" in baselines:
                 recent = recent_for_cost(dga.cost, self.profiles, dense_layers=cfg.dense_layers)
@@ -199,6 +202,7 @@ class Evaluation:
             params.update(recent=method.recent, cost_target=method.cost_target)
         if method.kind in ("dga", "topk"):
             params.update(dataclasses.asdict(method.config))
+            params["plan"] = method.config.plan.to_json() if method.config.plan else None
         if method.kind == "perhead":
             params["dense_heads"] = sorted(method.dense_heads)
         res = MethodResult(method.label, method.kind, params, meter.fraction, meter.keys_at_last,
