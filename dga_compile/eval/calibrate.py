@@ -222,6 +222,7 @@ def calibrate(ev, base: DGAConfig, target: float, progress: Callable = lambda de
     with progress(f"Measuring {len(rungs)} rungs at every site (one dense pass per window)"):
         table = site_table(ev.model, ev.task.items, rungs)
     errors, costs = table.errors(), table.costs()
+    errors.pop(None, None), costs.pop(None, None)         # a layer without an index runs the base config
     path = plan_path(errors, costs)
     tried: dict[int, dict] = {}
 
