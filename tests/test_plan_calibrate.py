@@ -94,8 +94,10 @@ def text(tmp_path):
 
 def test_cli_writes_a_plan_that_eval_measures(tiny_llama, text, tmp_path, capsys):
     """calibrate on the windows between eval's, then eval --plan: the DGA row runs the plan, site by site."""
+    from transformers import AutoTokenizer
+
     from dga_compile.eval.cli import main as eval_main
-    from dga_compile.eval.run import window_starts
+    from dga_compile.eval.run import token_ids, window_starts
 
     out = tmp_path / "plan.json"
     assert _calibrate(tiny_llama, text, out, "5%") == 0
@@ -105,8 +107,9 @@ def test_cli_writes_a_plan_that_eval_measures(tiny_llama, text, tmp_path, capsys
     meta = plan.metadata
     assert {p for p, _ in plan.sites} == {0, 1} and meta["increase"] <= 0.05 and 0 < meta["cost"] <= 1
     assert (meta["seq_len"], meta["windows"], meta["target"]) == (48, 2, 0.05) and meta["tried"]
-    eval_starts = window_starts(10**6, 48, 2)
-    assert not set(meta["calibration_starts"]) & set(eval_starts)      # never the windows eval scores
+    tokens = len(token_ids(AutoTokenizer.from_pretrained(tiny_llama), text.read_text()))
+    scored = set().union(*(range(e, e + 48) for e in window_starts(tokens, 48, 2)))
+    assert meta["calibration_starts"] and not any(scored & set(range(c, c + 48)) for c in meta["calibration_starts"])
     res = tmp_path / "res"
     assert eval_main([str(tiny_llama), "--text", str(text), "--seq-len", "48", "--windows", "2", "--group-size", "4",
                       "--num-probe", "8", "--window", "8", "--plan", str(out), "--baselines", "streaming",
@@ -180,4 +183,4 @@ def test_cli_calibrates_smollm2_at_2k(tmp_path):
     assert main(["calibrate", "smollm2", "--seq-len", "2048", "--windows", "1", "--max-increase", "2%", "-o",
                  str(out), "--quiet"]) == 0
     meta = Plan.load(out).metadata
-    assert meta["increase"] <= 0.02 and meta["cost"] < 0.6 and len(meta["errors"]) == 30
+    assert meta["increase"] <= 0.02 and meta["cost"] < 0.9 and len(meta["errors"]) == 30
