@@ -202,15 +202,19 @@ def test_op_impl_triton_forward_and_backward():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def test_triton_op_eager_matches_launcher():
+@pytest.mark.parametrize("query_block", [0, 16], ids=["no-step5", "step5-b16"])
+def test_triton_op_eager_matches_launcher(query_block):
     """torch.ops.dga.fused_forward (the triton op Inductor sees on CUDA) runs eagerly like the launcher."""
     if pipeline._fused_forward_op is None:
         pytest.skip("torch.library.triton_op is missing in this torch")
     q, k, v, mask, causal, cfg = _case_inputs(1, 2, 1, 64, 16, 16, torch.float32, "causal", "BHND", 4, 4)
+    cfg = cfg.replace(expand_mass=0.7, query_block=query_block or 1)
     plan = plan_mask(mask, causal, 1, 64, 64)
     sel = select(q, k, v, None, True, 0.25, cfg)
     st = prepare_streams(sel, plan, 64, 4, 4, block_m_for(16), torch.float32)
-    args = (True, 0.25, math.log(4), 4, 4, block_m_for(16))
+    if query_block:
+        st = pipeline._expand(q, st, plan, 0.25, cfg, block_m_for(16))
+    args = (True, 0.25, math.log(4), 4, 4, block_m_for(16), query_block)
     torch.testing.assert_close(torch.ops.dga.fused_forward(q, *st, *args), pipeline._launch(q, *st, *args))
 
 
