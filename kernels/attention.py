@@ -127,8 +127,8 @@ def _block(Q, BOUNDS, XMARK, XGROUPS, sq_b, sq_h, sq_n, sq_d, Hq, Hkv, Nq, NB, w
         lim_tok = tl.full([BLOCK_M], BIG_POS - 1, tl.int32)
         lim_grp = lim_tok
     sb = tl.minimum(offs_m // qblock, NBE - 1)
-    return (bh, bg, offs_m, row_ok, q, lim_tok, lim_grp, BOUNDS + (bg * NB + blk) * 4, XMARK + bh * NBE * NG, sb,
-            XGROUPS + (bh * NB + blk) * XW)
+    xmark = XMARK + bh.to(tl.int64) * NBE * NG              # NBE·G per head: b = 1 at long N passes 2**31
+    return bh, bg, offs_m, row_ok, q, lim_tok, lim_grp, BOUNDS + (bg * NB + blk) * 4, xmark, sb, XGROUPS + (bh * NB + blk) * XW
 
 
 @triton.jit
