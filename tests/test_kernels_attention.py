@@ -72,11 +72,11 @@ def _assert_close(name, ref, out, dtype):
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"{name}: max abs error {err:.3g} > {TOL[dtype]}"
 
 
-def _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype):
-    """dq, dk, dv of `triton_attention` vs autograd through `blocked_attention`, same cotangent."""
+def _assert_grads_match(q, k, v, mask, causal, cfg, dtype, against=blocked_attention):
+    """dq, dk, dv of `triton_attention` vs autograd through ``against``, same cotangent."""
     grad_out = torch.randn(*q.shape[:3], v.shape[-1], device=q.device, dtype=dtype)
     grads = []
-    for fn in (triton_attention, blocked_attention):
+    for fn in (triton_attention, against):
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         fn(*leaves, mask, causal, None, cfg).backward(grad_out)
         grads.append([x.grad for x in leaves])
@@ -277,7 +277,7 @@ def test_triton_backward_matches_blocked_autograd(B, Hq, Hkv, N, D, Dv, dtype, k
     """dq, dk, dv of `triton_attention` (Triton backward kernel + autograd through gathers and
     aggregation) equal autograd through the blocked path."""
     q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, Dv, dtype, kind, layout, m, w)
-    _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype)
+    _assert_grads_match(q, k, v, mask, causal, cfg, dtype)
 
 
 @pytest.mark.gpu
@@ -286,7 +286,7 @@ def test_triton_backward_matches_blocked_autograd(B, Hq, Hkv, N, D, Dv, dtype, k
 def test_gpu_triton_backward_matches_blocked(B, Hq, Hkv, N, D, dtype, kind):
     q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, D, dtype, kind, "BNHD", 16, 256, "cuda", 64)
     cfg = cfg.replace(min_seq_len=1024)
-    _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype)
+    _assert_grads_match(q, k, v, mask, causal, cfg, dtype)
 
 
 def test_autotune_prune_predicate():

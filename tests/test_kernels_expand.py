@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 from dga_compile.kernels import pipeline, triton_attention  # noqa: E402
 from dga_compile.kernels.attention import block_m_for, fused_forward  # noqa: E402
 from dga_compile.kernels.streams import plan_mask, prepare_streams  # noqa: E402
-from test_kernels_attention import DEV, _assert_close, _golden, _mask, _qkv  # noqa: E402
+from test_kernels_attention import _assert_close, _assert_grads_match, _golden, _mask, _qkv  # noqa: E402
 
 #: Small-N DGA with sinks and step 5′ (blocks of 16 rows; a τ that expands some groups of most rows).
 BASE = DGAConfig(focus_ratio=0.1, group_size=4, num_probe=8, window=8, min_seq_len=0, sinks=2, expand_mass=0.7,
@@ -158,15 +158,7 @@ def test_step5_gradients_match_reference_autograd(B, Hq, Hkv, N, dtype, kind, ch
     """dq, dk, dv of `triton_attention` with sinks and step 5′ (Triton backward, the expanded members'
     gradients included) against autograd through the reference, same cotangent."""
     q, k, v, mask, causal = _inputs(B, Hq, Hkv, N, 16, dtype, kind)
-    cfg = BASE.replace(**changes)
-    grad_out = torch.randn(B, Hq, N, 16, device=DEV, dtype=dtype)
-    grads = []
-    for fn in (triton_attention, reference_attention):
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        fn(*leaves, mask, causal, None, cfg).backward(grad_out)
-        grads.append([x.grad for x in leaves])
-    for name, got, want in zip(("dq", "dk", "dv"), *grads):
-        _assert_close(name, want, got, dtype)
+    _assert_grads_match(q, k, v, mask, causal, BASE.replace(**changes), dtype, against=reference_attention)
 
 
 def test_impl_triton_runs_step5_without_nyi():
