@@ -347,10 +347,10 @@ class DGACache(Cache):
         if not isinstance(self.config, DGAConfig):
             raise TypeError(f"config must be a DGAConfig or None, got {type(config).__name__}; model configs go in "
                             "model_config=")
-        unread = {f: getattr(self.config, f) for f in ("sinks", "expand_mass") if getattr(self.config, f)}
-        if unread:
-            raise ValueError(f"NYI: the DGA cache does not implement {unread} yet (docs/dga.md, Decoding); pass "
-                             f"DGACache(config.replace(sinks=0, expand_mass=0.0), ...) — the prefill may keep them")
+        if self.config.expand_mass:
+            raise ValueError(f"NYI: the DGA cache does not implement step 5′ (expand_mass="
+                             f"{self.config.expand_mass}) yet (docs/dga.md, Decoding); pass "
+                             f"DGACache(config.replace(expand_mass=0.0), ...) — the prefill may keep it")
         layers = []
         if model_config is not None:
             types, kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))

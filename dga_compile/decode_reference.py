@@ -42,14 +42,17 @@ def focus_mask(q_probe: Tensor, k: Tensor, real: Tensor, scale: float, config: D
 
     q_probe [B, Hq, r', D]: the queries of the prefill's last r' ≥ min(r, N) positions (the last r
     of them probe), k [B, Hkv, N, D], real bool [B, N]. Step 1 of the op scores the real keys
-    each probe may see (causal); row b keeps its n_f = ceil(γ·n_b) best real tokens (n_b: its
-    real tokens; ties: the smaller position).
+    each probe may see (causal); row b keeps its first s = ``config.sinks`` real tokens and its
+    best others, n_f = min(n_b, s + ceil(γ·n_b)) in all (n_b: its real tokens; ties: the smaller
+    position).
     """
     N, rows = k.shape[2], q_probe.shape[2]
     pos = torch.arange(N, device=k.device)
     vis = real[:, None, None, :] & (pos <= pos[N - rows:, None])[None, None]             # [B, 1, r', N]
     scores = importance_scores(q_probe, k, vis, scale, config.num_probe).masked_fill(~real[:, None, :], -1.0)
-    n_f = torch.tensor([num_focus(config.focus_ratio, int(n)) for n in real.sum(-1)], device=k.device)
+    sink = real & (real.cumsum(-1) <= config.sinks)                                      # [B, N]
+    scores = scores.masked_fill(sink[:, None, :], float("inf"))
+    n_f = torch.tensor([num_focus(config.focus_ratio, int(n), config.sinks) for n in real.sum(-1)], device=k.device)
     order = scores.sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
     return rank < n_f[:, None, None]

@@ -68,6 +68,18 @@ def test_focus_mask_counts_real_tokens_only():
     assert f.sum(-1).tolist() == [[10, 10], [9, 9], [1, 1]]
 
 
+def test_focus_mask_sinks_are_each_rows_first_real_tokens():
+    """sinks = s: a row's first s real tokens are focus (after its left padding), beside ceil(γ·n_b) scored ones."""
+    q, k, _, real = history(3, 4, 2, 40, 8, pads=(0, 7, 38), seed=6)
+    f = focus_mask(q, k, real, 8 ** -0.5, SMALL.replace(focus_ratio=0.0, sinks=3))
+    assert f.sum(-1).tolist() == [[3, 3], [3, 3], [2, 2]]
+    assert f[0, :, :3].all() and f[1, :, 7:10].all() and f[2, :, 38:].all()
+    scored = focus_mask(q, k, real, 8 ** -0.5, SMALL.replace(focus_ratio=0.25))
+    both = focus_mask(q, k, real, 8 ** -0.5, SMALL.replace(focus_ratio=0.25, sinks=3))
+    assert both.sum(-1).tolist() == [[13, 13], [12, 12], [2, 2]]
+    assert not (scored & ~both).any() and not (both & ~real[:, None, :]).any()
+
+
 @pytest.mark.parametrize("i, w, m, want", [(0, 0, 4, 0), (3, 0, 4, 1), (10, 8, 4, 0), (11, 8, 4, 1), (14, 8, 4, 1),
                                           (15, 8, 4, 2), (5, 9, 4, 0)])
 def test_complete_blocks(i, w, m, want):

@@ -274,3 +274,31 @@ def test_finetune_recipe_tiny(tiny_llama, tmp_path):
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(SystemExit, match="exists"):
         ft.main(args)
+
+
+def _result(task: str, *rows):
+    from dga_compile.eval.run import EvalResult, MethodResult
+
+    methods = [MethodResult(label, kind, {}, 1.0 if kind == "dense" else 0.3, 1.0, **fields) for label, kind, fields in rows]
+    return EvalResult("m", "t", 64, 1, task, methods)
+
+
+@pytest.mark.parametrize("delta, warned", [pytest.param(0.049, False, id="4.9%"), pytest.param(0.051, True, id="5.1%")])
+def test_quality_warning_above_five_percent(delta, warned):
+    """A DGA row more than 5% above dense perplexity is warned about, with the fix; baselines never."""
+    from dga_compile.eval.report import quality_warnings
+
+    res = _result("causal-lm", ("dense", "dense", dict(delta_last_half=0.0)), ("DGA x", "dga", dict(delta_last_half=delta)),
+                  ("streaming", "streaming", dict(delta_last_half=0.3)))
+    lines = quality_warnings(res)
+    assert len(lines) == warned
+    if warned:
+        assert lines[0].startswith("DGA x: last-half perplexity +5.1%") and "dga-compile calibrate" in lines[0]
+
+
+def test_quality_warning_when_passkeys_are_lost():
+    from dga_compile.eval.report import quality_warnings
+
+    res = _result("passkey", ("dense", "dense", dict(exact_match=1.0)), ("DGA a", "dga", dict(exact_match=1.0)),
+                  ("DGA b", "dga", dict(exact_match=0.5)))
+    assert [line.split(":")[0] for line in quality_warnings(res)] == ["DGA b"]

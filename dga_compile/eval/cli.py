@@ -83,7 +83,7 @@ def _baselines(spec: str) -> tuple[str, ...]:
 def _run(args: argparse.Namespace) -> int:
     from .calibrate import layer_errors, worst_layers
     from .fetch import jargon_text, read_text
-    from .report import calibration_table, rich_table, save_json, save_plot, site_summary
+    from .report import calibration_table, quality_warnings, rich_table, save_json, save_plot, site_summary
     from .run import Evaluation
     from ..models import load_model
 
@@ -123,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
         result = ev.result()
         out.print(rich_table(result))
         out.print(site_summary(result))
+        for line in quality_warnings(result):
+            out.print(f"[bold yellow]warning:[/] {line}")
         stem = prefix if len(args.seq_len) == 1 else f"{prefix}-{seq_len}"
         out.print(f"JSON: {save_json(result, stem + '.json')}")
         try:

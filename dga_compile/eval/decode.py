@@ -256,7 +256,8 @@ def _summaries(wins: list[dict], config: DGAConfig) -> list[DecodeMethod]:
 
 
 def _dga_label(c: DGAConfig) -> str:
-    return f"DGA cache γ={c.focus_ratio:g} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
+    sinks = f" s={c.sinks}" if c.sinks else ""
+    return f"DGA cache γ={c.focus_ratio:g}{sinks} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
 
 
 def passkey_prompts(tokenizer, ids: Tensor, seq_len: int, depths: Sequence[float], seed: int = 0) -> list[tuple]:

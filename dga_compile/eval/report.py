@@ -9,7 +9,7 @@ from typing import Union
 
 from .run import EvalResult, MethodResult
 
-__all__ = ["rich_table", "markdown_table", "markdown_window_table", "markdown_depth_table", "site_summary",
+__all__ = ["WARN_INCREASE", "quality_warnings", "rich_table", "markdown_table", "markdown_window_table", "markdown_depth_table", "site_summary",
            "save_json", "load_json", "save_plot"]
 
 _STYLE = {"dense": "o", "dga": "s", "streaming": "^", "topk": "v", "perhead": "D"}
@@ -20,6 +20,30 @@ _NAMES = {"dense": "dense", "dga": "DGA", "streaming": "StreamingLLM (sinks + re
 def _outside(r: MethodResult) -> str:
     """The share of the cost spent outside the attention itself (probes, aggregation, ...)."""
     return f"{sum(v for k, v in r.cost_terms.items() if k != 'attention'):.1%}" if r.cost_terms else "—"
+
+
+#: A DGA row whose last-half perplexity rises more than this over dense gets a warning.
+WARN_INCREASE = 0.05
+
+_FIX = ("calibrate a plan that bounds the loss (`dga-compile calibrate MODEL --max-increase 2%`, then "
+        "DGAConfig(plan=...)), or keep the worst layers dense (`--calibrate K`, DGAConfig(dense_layers=...))")
+
+
+def quality_warnings(result: EvalResult) -> list[str]:
+    """One line per DGA row that loses more than the warning threshold: perplexity above
+    +`WARN_INCREASE` (causal LMs), or fewer passkeys retrieved than dense; each says what to do."""
+    out = []
+    dense = next((r for r in result.methods if r.kind == "dense"), None)
+    for r in result.methods:
+        if r.kind != "dga":
+            continue
+        if r.delta_last_half is not None and r.delta_last_half > WARN_INCREASE:
+            out.append(f"{r.label}: last-half perplexity {r.delta_last_half:+.1%} over dense (more than "
+                       f"+{WARN_INCREASE:.0%}): DGA's selection misses attention this model needs on this text; {_FIX}")
+        if dense is not None and r.exact_match is not None and r.exact_match < dense.exact_match:
+            out.append(f"{r.label}: retrieves {r.exact_match:.0%} of the passkeys, dense {dense.exact_match:.0%}: "
+                       f"the needle is aggregated away; {_FIX}")
+    return out
 
 
 def _columns(result: EvalResult) -> list[tuple[str, callable]]:
