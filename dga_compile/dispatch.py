@@ -46,16 +46,6 @@ def _needs_grad(call: "OpCall") -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
 
 
-def _nyi_options(call: "OpCall", where: str) -> Optional[str]:
-    """The config options an implementation does not compute yet (sinks, step 5′): the reason, so
-    that "auto" runs the blocked path, which computes them, never a different answer."""
-    c = call.config
-    for name in ("expand_mass", "sinks"):
-        if getattr(c, name) > 0:
-            return f"{name}={getattr(c, name)} is not yet in {where} (the blocked path computes it; {name}=0 runs here)"
-    return None
-
-
 def _triton_applies(call: "OpCall") -> Optional[str]:
     """CUDA (or the interpreter, when named), Triton installed, fp16/bf16/fp32, head dims ≤ 256, no dropout,
     a mask that is causal × key padding."""
@@ -74,8 +64,6 @@ def _triton_applies(call: "OpCall") -> Optional[str]:
         return f"head dims D={q.shape[-1]}, Dv={v.shape[-1]} above {kernels.MAX_HEAD_DIM} in the Triton kernels"
     if call.dropout_p > 0:
         return f"dropout_p={call.dropout_p} (the Triton kernels have no dropout)"
-    if (reason := _nyi_options(call, "the Triton kernels")) is not None:
-        return reason
     return plan_mask(call.attn_mask, call.is_causal, q.shape[0], q.shape[2], call.k.shape[2]).reason or None
 
 

@@ -1,7 +1,9 @@
 """`triton_attention`: DGA with the Triton kernels (the implementation ``impl="triton"``).
 
-Step 1 runs in `scoring.py`, step 2 (a sort) in torch, steps 3–4 in `aggregation.py`,
-step 5 in `attention.py`; the result of steps 1–4 is a `dga_compile.selection.Selection`, which
+Step 1 runs in `scoring.py`, step 2 (a sort, with the sinks) in torch, steps 3–4 in `aggregation.py`,
+step 5 in `attention.py`. Step 5′ (τ > 0) runs the fused kernel once more first, with βe on the
+groups, for each row's log-sum-exp over its base candidates; `streams.mark_expansion` turns it
+into the expanded groups, and step 5 gathers their members. The result of steps 1–4 is a `dga_compile.selection.Selection`, which
 `streams.prepare_streams` turns into the kernel's `Streams`. On CUDA the kernel is launched
 through the triton op ``torch.ops.dga.fused_forward`` (`torch.library.triton_op` + `wrap_triton`),
 so Inductor sees the kernel when a compiled graph calls `triton_attention`; CPU tensors (the
@@ -30,7 +32,7 @@ from .aggregation import aggregate_groups_triton
 from .attention import block_m_for, fused_forward
 from .attention_bwd import fused_backward
 from .scoring import importance_scores_triton
-from .streams import MaskPlan, Streams, plan_mask, prepare_streams
+from .streams import MaskPlan, Streams, mark_expansion, plan_mask, prepare_streams
 
 __all__ = ["triton_attention"]
 
@@ -40,7 +42,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      dropout_p: float = 0.0) -> Tensor:
     """DGA with the Triton kernels. Same contract as `reference_attention`: q [B, Hq, Nq, D],
     k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv] in q's dtype. Differentiable
-    (Triton backward; the focus choice itself has no gradient, as in the reference).
+    (Triton backward; the focus and expansion choices have no gradient, as in the reference).
 
     Takes the calls `dga_compile.dispatch` lets through (``kernels.unsupported`` is empty);
     raises ``NotImplementedError`` for a mask other than causal × key padding. Outside DGA's
@@ -58,20 +60,34 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                                   f"(impl='auto' falls back to the blocked path)")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     block_m = block_m_for(D)
-    args = (plan.causal, scale, cfg.group_bias * math.log(cfg.group_size), cfg.group_size, cfg.window, block_m)
+    m = cfg.group_size
+    with torch.set_grad_enabled(grad):
+        st = prepare_streams(_select_triton(q, k, v, plan, scale, cfg, differentiable=grad), plan, Nq, m,
+                             cfg.window, block_m, q.dtype)
+    expanding = cfg.expand_mass > 0 and st.gpos.shape[-1] > 0
+    query_block = min(cfg.query_block, Nq) if expanding else 0
+    args = (plan.causal, scale, cfg.group_bias * math.log(m), m, cfg.window, block_m, query_block)
+    if expanding:
+        st = _expand(q, st, plan, scale, cfg, block_m)
     if grad:
-        st = prepare_streams(_select_triton(q, k, v, plan, scale, cfg, differentiable=True), plan, Nq,
-                             cfg.group_size, cfg.window, block_m, q.dtype)
         return _FusedAttention.apply(q, *st, *args)
     with torch.no_grad():
-        st = prepare_streams(_select_triton(q, k, v, plan, scale, cfg), plan, Nq, cfg.group_size, cfg.window,
-                             block_m, q.dtype)
         if q.device.type == "cuda" and _fused_forward_op is not None:
             return _fused_forward_op(q, *st, *args)
         return _launch(q, *st, *args)
 
 
-_STEP5_ARGS = ("causal", "scale", "group_logit", "group_size", "window", "block_m")
+_STEP5_ARGS = ("causal", "scale", "group_logit", "group_size", "window", "block_m", "query_block")
+
+
+def _expand(q: Tensor, st: Streams, plan: MaskPlan, scale: float, cfg: DGAConfig, block_m: int) -> Streams:
+    """Step 5′: the fused kernel's row log-sum-exp over the base candidates with βe·log m on the
+    groups (one more pass over the same streams), then `streams.mark_expansion`. No gradient."""
+    with torch.no_grad():
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        fused_forward(q, st, causal=plan.causal, scale=scale, group_logit=cfg.expand_bias * math.log(cfg.group_size),
+                      group_size=cfg.group_size, window=cfg.window, block_m=block_m, lse=lse)
+        return mark_expansion(q, st, lse, plan.causal, scale, cfg, block_m)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -97,12 +113,16 @@ class _FusedAttention(torch.autograd.Function):
 
 def _select_triton(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, cfg: DGAConfig,
                    differentiable: bool = False) -> Selection:
-    """Steps 1–4 with the selection kernels; the same `Selection` `dga_compile.selection.select` builds.
+    """Steps 1–4 with the selection kernels; the same `Selection` `dga_compile.selection.select` builds
+    (step 1 skipped when no key is chosen by score: the focus set is the sinks).
     ``differentiable``: aggregate with the torch reference (autograd) instead of the kernel."""
-    m = cfg.group_size
+    m, nk = cfg.group_size, k.shape[2]
     with torch.no_grad():
-        scores = importance_scores_triton(q, k, plan.key_visible, plan.causal, scale, cfg.num_probe)
-        focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, k.shape[2]))
+        if num_focus(cfg.focus_ratio, nk) == 0:
+            scores = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+        else:
+            scores = importance_scores_triton(q, k, plan.key_visible, plan.causal, scale, cfg.num_probe)
+        focus, nonfocus = split_focus(scores, num_focus(cfg.focus_ratio, nk, cfg.sinks), cfg.sinks)
     if differentiable:
         wd = working_dtype(q.dtype)
         kbar, vbar = aggregate_groups(q.to(wd), k.to(wd), v.to(wd), nonfocus, scale, m)[:2]
@@ -113,12 +133,13 @@ def _select_triton(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float
 
 
 def _launch(q: Tensor, fpos: Tensor, kf: Tensor, vf: Tensor, gpos: Tensor, kg: Tensor, vg: Tensor, npos: Tensor,
-            kn: Tensor, vn: Tensor, bounds: Tensor, causal: bool, scale: float, group_logit: float,
-            group_size: int, window: int, block_m: int) -> Tensor:
+            kn: Tensor, vn: Tensor, bounds: Tensor, xmark: Tensor, xgroups: Tensor, causal: bool, scale: float,
+            group_logit: float, group_size: int, window: int, block_m: int, query_block: int) -> Tensor:
     """The fused kernel on flat arguments: q, the `Streams` fields in order, then `_STEP5_ARGS`
     (the triton op infers its schema from this signature; tests check it against `Streams`)."""
-    return fused_forward(q, Streams(fpos, kf, vf, gpos, kg, vg, npos, kn, vn, bounds), causal=causal, scale=scale,
-                         group_logit=group_logit, group_size=group_size, window=window, block_m=block_m)
+    return fused_forward(q, Streams(fpos, kf, vf, gpos, kg, vg, npos, kn, vn, bounds, xmark, xgroups), causal=causal,
+                         scale=scale, group_logit=group_logit, group_size=group_size, window=window, block_m=block_m,
+                         query_block=query_block)
 
 
 def _register_triton_op():

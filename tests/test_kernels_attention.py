@@ -72,11 +72,11 @@ def _assert_close(name, ref, out, dtype):
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"{name}: max abs error {err:.3g} > {TOL[dtype]}"
 
 
-def _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype):
-    """dq, dk, dv of `triton_attention` vs autograd through `blocked_attention`, same cotangent."""
+def _assert_grads_match(q, k, v, mask, causal, cfg, dtype, against=blocked_attention):
+    """dq, dk, dv of `triton_attention` vs autograd through ``against``, same cotangent."""
     grad_out = torch.randn(*q.shape[:3], v.shape[-1], device=q.device, dtype=dtype)
     grads = []
-    for fn in (triton_attention, blocked_attention):
+    for fn in (triton_attention, against):
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         fn(*leaves, mask, causal, None, cfg).backward(grad_out)
         grads.append([x.grad for x in leaves])
@@ -202,15 +202,19 @@ def test_op_impl_triton_forward_and_backward():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def test_triton_op_eager_matches_launcher():
+@pytest.mark.parametrize("query_block", [0, 16], ids=["no-step5", "step5-b16"])
+def test_triton_op_eager_matches_launcher(query_block):
     """torch.ops.dga.fused_forward (the triton op Inductor sees on CUDA) runs eagerly like the launcher."""
     if pipeline._fused_forward_op is None:
         pytest.skip("torch.library.triton_op is missing in this torch")
     q, k, v, mask, causal, cfg = _case_inputs(1, 2, 1, 64, 16, 16, torch.float32, "causal", "BHND", 4, 4)
+    cfg = cfg.replace(expand_mass=0.7, query_block=query_block or 1)
     plan = plan_mask(mask, causal, 1, 64, 64)
     sel = select(q, k, v, None, True, 0.25, cfg)
     st = prepare_streams(sel, plan, 64, 4, 4, block_m_for(16), torch.float32)
-    args = (True, 0.25, math.log(4), 4, 4, block_m_for(16))
+    if query_block:
+        st = pipeline._expand(q, st, plan, 0.25, cfg, block_m_for(16))
+    args = (True, 0.25, math.log(4), 4, 4, block_m_for(16), query_block)
     torch.testing.assert_close(torch.ops.dga.fused_forward(q, *st, *args), pipeline._launch(q, *st, *args))
 
 
@@ -273,7 +277,7 @@ def test_triton_backward_matches_blocked_autograd(B, Hq, Hkv, N, D, Dv, dtype, k
     """dq, dk, dv of `triton_attention` (Triton backward kernel + autograd through gathers and
     aggregation) equal autograd through the blocked path."""
     q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, Dv, dtype, kind, layout, m, w)
-    _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype)
+    _assert_grads_match(q, k, v, mask, causal, cfg, dtype)
 
 
 @pytest.mark.gpu
@@ -282,7 +286,7 @@ def test_triton_backward_matches_blocked_autograd(B, Hq, Hkv, N, D, Dv, dtype, k
 def test_gpu_triton_backward_matches_blocked(B, Hq, Hkv, N, D, dtype, kind):
     q, k, v, mask, causal, cfg = _case_inputs(B, Hq, Hkv, N, D, D, dtype, kind, "BNHD", 16, 256, "cuda", 64)
     cfg = cfg.replace(min_seq_len=1024)
-    _assert_grads_match_blocked(q, k, v, mask, causal, cfg, dtype)
+    _assert_grads_match(q, k, v, mask, causal, cfg, dtype)
 
 
 def test_autotune_prune_predicate():
