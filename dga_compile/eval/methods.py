@@ -167,16 +167,16 @@ def attend_fn(method: Method, reason: str = ""):
 
     def attend(q, k, v, attn_mask, is_causal, scale, dropout_p):
         call = Call(q, k, v, attn_mask, is_causal, scale, dropout_p, current_site())
-        kind, why, site = method.kind, reason, method
+        kind, why, runs = method.kind, reason, method
         if kind == "dga" and method.config.plan is not None:        # the site's own config (DGAConfig.for_site)
             cfg = method.config.for_site(call.site.layer)
             if cfg is None:
                 kind, why = "dense", f"plan {method.config.plan.name}: site {call.site.layer} dense"
             else:
-                site = dataclasses.replace(method, config=cfg)
-        if kind != "dense" and not dga_applies(q.shape[2], k.shape[2], site.config.min_seq_len):
-            kind, why = "dense", "Nq ≠ Nk" if q.shape[2] != k.shape[2] else f"N < min_seq_len={site.config.min_seq_len}"
-        out, cost = KINDS[kind](site, call)
+                runs = dataclasses.replace(method, config=cfg)
+        if kind != "dense" and not dga_applies(q.shape[2], k.shape[2], runs.config.min_seq_len):
+            kind, why = "dense", "Nq ≠ Nk" if q.shape[2] != k.shape[2] else f"N < min_seq_len={runs.config.min_seq_len}"
+        out, cost = KINDS[kind](runs, call)
         if CostMeter.active is not None:
             CostMeter.active.add(cost, call.site, kind, why)
         return out
