@@ -137,7 +137,7 @@ def _apply(graph: fx.Graph, rule: Rule, m: Match, cfg: DGAConfig, consts: dict, 
     notes = "; ".join(x for x in (decision.reason, _notes(m)) if x) if decision.rewrite else decision.reason
     return Site(m.rule, tuple(m.tags), module, *shapes, masks.kind,
                 "yes" if m.is_causal else ("mask" if m.masks else "no"), decision.rewrite, notes, m.anchor.name,
-                facts.position, decision.config.budget() if decision.rewrite else "")
+                facts.position, decision.config.budget() if decision.rewrite else "", decision.uncalibrated)
 
 
 def _tag_scale(m: Match) -> None:

@@ -148,3 +148,61 @@ def test_report_table_shows_the_budget():
     text = console.file.getvalue()
     assert "budget" in text and "γ=0.2 m=16 w=512" in text
     assert "rewritten (γ=0.2 m=16 w=512 β=0.25 r=128)" in str(report)
+
+
+FACTS = {"long": policy.SiteFacts(position=3, nq=4096, nk=4096, causal=True),
+         "short": policy.SiteFacts(position=3, nq=64, nk=64, causal=True),
+         "unknown-length": policy.SiteFacts(position=3, causal=True)}
+
+
+@pytest.mark.parametrize("config, facts, warned", [
+    pytest.param(DGAConfig(), "long", True, id="defaults-4K"),
+    pytest.param(DGAConfig(), "unknown-length", True, id="defaults-dynamic-N"),
+    pytest.param(DGAConfig(), "short", False, id="below-min_seq_len-is-exact"),
+    pytest.param(DGAConfig(focus_ratio=1.0), "long", False, id="gamma1-is-exact"),
+    pytest.param(DGAConfig(group_size=1), "long", False, id="m1-is-exact"),
+    pytest.param(DGAConfig(plan=Plan(SITES)), "long", False, id="planned-site"),
+    pytest.param(DGAConfig(plan=Plan({0: "dense"})), "long", True, id="site-the-plan-does-not-name"),
+])
+def test_uncalibrated_sites_are_warned_about(config, facts, warned):
+    """A report warns, with why and what to do, when rewritten sites run approximate parameters no plan set."""
+    decision = policy.decide(FACTS[facts], config)
+    site = policy.Site("sdpa", (), "m", None, None, None, "none", "yes", decision.rewrite, decision.reason, "sdpa", 3,
+                       decision.config.budget(), decision.uncalibrated)
+    report = policy.RewriteReport([site])
+    assert len(report.warnings) == warned
+    if warned:
+        assert report.warnings[0].startswith("1 of 1 DGA site(s) run parameters no calibration chose (γ=")
+        assert "dga-compile calibrate MODEL --max-increase 2%" in report.warnings[0]
+        assert f"warning: {report.warnings[0]}" in str(report)
+
+
+def test_backend_report_warns_on_a_long_uncalibrated_model(tmp_path):
+    """The whole path: a compiled model at N ≥ min_seq_len gets the warning in its report and log."""
+    import logging
+
+    import torch
+
+    import dga_compile
+    from dga_compile.passes import rewrite
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(1, 2, 1024, 8)
+    program = torch.export.export(Attn(), (q, q, q))
+    _, report = rewrite(program, dga_compile.DGAConfig())
+    assert report.num_rewritten == 1 and len(report.warnings) == 1
+    _, planned = rewrite(program, dga_compile.DGAConfig(plan=Plan({0: {"focus_ratio": 0.2}})))
+    assert planned.num_rewritten == 1 and planned.warnings == []
+    logger = logging.getLogger("dga_compile.passes")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        report.log()
+    finally:
+        logger.removeHandler(handler)
+    assert any("no calibration chose" in r.getMessage() and r.levelno == logging.WARNING for r in records)

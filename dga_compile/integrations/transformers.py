@@ -188,7 +188,7 @@ def _site(module, facts, decision, q, k, v, mask, causal) -> Site:
     where = type(module).__name__ + ("" if facts.position is None else f" (layer {facts.position})")
     return Site("hf-attention", (), where, tuple(q.shape), tuple(k.shape), tuple(v.shape), kind,
                 "yes" if causal else ("mask" if mask is not None else "no"), decision.rewrite, decision.reason, "",
-                facts.position, decision.config.budget() if decision.rewrite else "")
+                facts.position, decision.config.budget() if decision.rewrite else "", decision.uncalibrated)
 
 
 def _validate_hf_kwargs(position_bias, kwargs) -> None:
