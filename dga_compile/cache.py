@@ -328,8 +328,9 @@ class DGACache(Cache):
     """A transformers `Cache` that keeps DGA's compressed cache in every full-attention layer.
 
     Args:
-        config: the `DGAConfig` (γ, m, r, w, β, min_seq_len; ``dense_layers`` keep a plain
-            `DynamicLayer`; ``impl`` picks the decode kernel). Default ``DGAConfig()``.
+        config: the `DGAConfig` (γ, m, r, w, β, min_seq_len, sinks; ``dense_layers`` and a
+            plan's "dense" sites keep a plain `DynamicLayer`, a plan's other entries set their
+            layer's parameters; ``impl`` picks the decode kernel). Default ``DGAConfig()``.
         model_config: the model's config: sliding-window and other non-full layers then get the
             layer transformers would give them (a sliding layer keeps its own dense window).
             Without it every layer is a DGA layer (a sliding-window layer then raises).
@@ -347,10 +348,7 @@ class DGACache(Cache):
         if not isinstance(self.config, DGAConfig):
             raise TypeError(f"config must be a DGAConfig or None, got {type(config).__name__}; model configs go in "
                             "model_config=")
-        if self.config.expand_mass:
-            raise ValueError(f"NYI: the DGA cache does not implement step 5′ (expand_mass="
-                             f"{self.config.expand_mass}) yet (docs/dga.md, Decoding); pass "
-                             f"DGACache(config.replace(expand_mass=0.0), ...) — the prefill may keep it")
+        _check_decodable(self.config)
         layers = []
         if model_config is not None:
             types, kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
@@ -358,8 +356,10 @@ class DGACache(Cache):
         super().__init__(layers=layers)
 
     def _new_layer(self, idx: int, layer_type: str = "full_attention", kwargs: Optional[dict] = None):
-        if layer_type == "full_attention" and idx not in self.config.dense_layers:
-            return DGALayer(self.config, idx)
+        site = self.config.for_site(idx)         # None: in dense_layers, or "dense" in the plan
+        if layer_type == "full_attention" and site is not None:
+            _check_decodable(site, f" (layer {idx}'s plan entry)" if self.config.plan is not None else "")
+            return DGALayer(site, idx)
         return DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**(kwargs or {}))
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
@@ -382,6 +382,14 @@ class DGACache(Cache):
             else:
                 total += _layer_nbytes(layer)
         return total
+
+
+def _check_decodable(config: DGAConfig, where: str = "") -> None:
+    """The decode semantics have no step 5′: refuse it rather than ignore it."""
+    if config.expand_mass:
+        raise ValueError(f"NYI: the DGA cache does not implement step 5′ (expand_mass={config.expand_mass}{where}) "
+                         f"yet (docs/dga.md, Decoding); pass DGACache(config.replace(expand_mass=0.0), ...) — the "
+                         f"prefill may keep it")
 
 
 def cache_nbytes(cache) -> int:

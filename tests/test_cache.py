@@ -271,3 +271,18 @@ def test_cache_refuses_step_5_prime():
     """The decode semantics have no step 5′: the cache says so instead of ignoring it."""
     with pytest.raises(ValueError, match=r"NYI: the DGA cache does not implement step 5′ \(expand_mass=0.8\)"):
         DGACache(SMALL.replace(expand_mass=0.8))
+
+
+def test_plan_sets_each_layers_cache(tmp_path):
+    """A plan's "dense" site keeps a DynamicLayer, its entries set their layer's parameters, others the base's."""
+    from transformers.cache_utils import DynamicLayer
+
+    from dga_compile.plan import Plan
+
+    cache = DGACache(SMALL.replace(plan=Plan({0: "dense", 1: {"focus_ratio": 0.3, "sinks": 2}})))
+    layers = [cache._new_layer(i) for i in range(3)]
+    assert isinstance(layers[0], DynamicLayer) and not isinstance(layers[0], DGALayer)
+    assert (layers[1].config.focus_ratio, layers[1].config.sinks) == (0.3, 2)
+    assert layers[2].config == SMALL
+    with pytest.raises(ValueError, match=r"NYI: .*step 5′ \(expand_mass=0.5 \(layer 1's plan entry\)\)"):
+        DGACache(SMALL.replace(plan=Plan({1: {"expand_mass": 0.5}})))._new_layer(1)
