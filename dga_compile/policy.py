@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from typing import Optional
 
+from ._validation import dga_applies
 from .config import DGAConfig
 from .errors import RewriteError
 
@@ -109,8 +110,9 @@ def decide(facts: SiteFacts, config: DGAConfig) -> Decision:
 
 
 def _exact(config: DGAConfig, nk: Optional[int]) -> bool:
-    """γ = 1, m = 1, or a static key length below min_seq_len: the op computes dense attention exactly."""
-    return config.focus_ratio >= 1.0 or config.group_size == 1 or (nk is not None and nk < config.min_seq_len)
+    """γ = 1, m = 1, or a static key length the op computes densely (`dga_applies`): dense attention exactly."""
+    return config.focus_ratio >= 1.0 or config.group_size == 1 or (
+        nk is not None and not dga_applies(nk, nk, config.min_seq_len))
 
 
 UNCALIBRATED = ("{n} of {total} DGA site(s) run parameters no calibration chose ({example}): on the real "

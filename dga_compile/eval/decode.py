@@ -238,7 +238,7 @@ def _window(model, rows: _Rows, ids: Tensor, n_prompt: int, n_cont: int, n_greed
 
 def _summaries(wins: list[dict], config: DGAConfig) -> list[DecodeMethod]:
     out = []
-    labels = {"dense": "dense cache", "dga": _dga_label(config),
+    labels = {"dense": "dense cache", "dga": f"DGA cache {config.budget()}",
               "snapkv": f"SnapKV (top + {config.window} recent), same bytes",
               "streaming": f"StreamingLLM ({SINKS} sinks + recent), same bytes"}
     dense_ppl = math.exp(torch.cat([w["nll"][0] for w in wins]).mean())
@@ -253,11 +253,6 @@ def _summaries(wins: list[dict], config: DGAConfig) -> list[DecodeMethod]:
             sum(first) / len(first),
             [{"ppl": math.exp(w["nll"][r].mean()), "cache_bytes": w["bytes"][r]} for w in wins]))
     return out
-
-
-def _dga_label(c: DGAConfig) -> str:
-    sinks = f" s={c.sinks}" if c.sinks else ""
-    return f"DGA cache γ={c.focus_ratio:g}{sinks} m={c.group_size} w={c.window} β={c.group_bias:g} r={c.num_probe}"
 
 
 def passkey_prompts(tokenizer, ids: Tensor, seq_len: int, depths: Sequence[float], seed: int = 0) -> list[tuple]:
