@@ -31,6 +31,16 @@ def test_ladder_runs_from_the_base_to_dense():
     assert len(ladder(DGAConfig(focus_ratio=0.0))) == 4       # γ×2 = γ: dropped (half, base, w=512, dense)
 
 
+def test_ladder_moves_the_expansion_mass_with_the_focus():
+    """With step 5′ on, "focus×2" halves the mass 1 − τ left to groups and "half" doubles it."""
+    base = DGAConfig(focus_ratio=0.0, sinks=4, expand_mass=0.8, window=256, min_seq_len=0)
+    rungs = ladder(base)
+    assert [None if r is None else (r.expand_mass, r.window) for r in rungs] == [
+        (pytest.approx(0.6), 128), (0.8, 256), (pytest.approx(0.9), 256), (0.8, 512), (pytest.approx(0.9), 512), None]
+    assert all(r.sinks == 4 and r.focus_ratio == 0.0 for r in rungs[:-1])
+    assert ladder(base.replace(expand_mass=0.4))[0].expand_mass == 0.0      # 1 − 2·0.6 < 0: expansion off
+
+
 def test_chooser_is_monotone_in_lambda():
     """Cost never falls and squared error never rises as λ grows; λ = 0 is the cheapest, the end all exact."""
     lams = [0.0, 0.1, 0.5, 1, 2, 5, 10, 100, 1e4]
