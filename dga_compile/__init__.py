@@ -2,11 +2,12 @@
 
 from .api import dynamic_group_attention
 from .config import DGAConfig
+from .plan import Plan
 from .reference import reference_attention
 from .passes import RewriteError, RewriteReport, rewrite
 from .backend import backend, compile
 
-__all__ = ["DGACache", "DGAConfig", "RewriteError", "RewriteReport", "backend", "compile", "dynamic_group_attention",
+__all__ = ["DGACache", "DGAConfig", "Plan", "RewriteError", "RewriteReport", "backend", "compile", "dynamic_group_attention",
            "reference_attention", "rewrite"]
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""`dga_compile.plan.Plan` and ``DGAConfig(plan=...)``: the file, its checks, `DGAConfig.for_site`."""
+"""`dga_compile.Plan` and ``DGAConfig(plan=...)``: the file, its checks, `DGAConfig.for_site`."""
 
 import dataclasses
 import json
@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+import dga_compile
 from dga_compile import DGAConfig
 from dga_compile import policy
 from dga_compile.plan import FORMAT, PLAN_FIELDS, Plan
@@ -52,7 +53,8 @@ def test_save_is_atomic_with_the_usual_mode(tmp_path):
 
 
 def test_plan_is_frozen_and_hashable():
-    plan = Plan(SITES)
+    plan = dga_compile.Plan(SITES)       # the package exports it
+    assert dga_compile.Plan is Plan
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.sites = ()
     cfg = DGAConfig(plan=plan)

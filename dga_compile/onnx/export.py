@@ -11,14 +11,13 @@ import inspect
 import logging
 import os
 import pathlib
-import secrets
-import stat
 from typing import TYPE_CHECKING, Optional, Union
 
 import onnx
 import onnx.checker
 import torch
 
+from .._files import replacing
 from ..ops import OpCall
 from ..config import DGAConfig
 from ._function import function_proto
@@ -150,20 +149,12 @@ def _translate(*args):
 
 def _save_atomic(proto: onnx.ModelProto, path: pathlib.Path, check: bool) -> pathlib.Path:
     """Writes ``proto`` to a temp file beside ``path``, checks the file (by path: models over
-    2 GiB keep their weights in ``path.name + ".data"``), and renames it into place. The file gets
-    the mode of the file it replaces, else the umask's (as ``open`` would create it)."""
+    2 GiB keep their weights in ``path.name + ".data"``), and renames it into place
+    (`_files.replacing`: the mode of the file it replaces, else the umask's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
-    try:
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+    with replacing(path) as tmp:
         external = proto.ByteSize() > _MAX_PROTO_BYTES
         onnx.save_model(proto, tmp, save_as_external_data=external, location=path.name + ".data")
         if check:
             onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
