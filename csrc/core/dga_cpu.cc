@@ -489,12 +489,18 @@ void expand(const Problem& pr, int64_t rows, const Selection& sel, float expand_
     if (used) sc.expanded.push_back(gi);
   }
   if (sc.expanded.empty()) return;
-  // The expanded segment: its panel, S and ok laid out again with its columns at the end.
+  // The expanded segment: its panel, S and ok laid out again with its columns at the end. Group
+  // gi's members are rows gi·m … gi·m + m − 1 of the non-focus panel, so a run of consecutive
+  // groups (a dense block's are) is read from it in place; other sets are gathered.
   const int64_t n_x = static_cast<int64_t>(sc.expanded.size()) * m, rows_pad = round_up(rows, TILE_M);
-  auto member = [&](int64_t u) { return sel.nonfocus[sc.expanded[u / m] * m + u % m]; };
-  sc.expanded_panel.assign(n_x, pr.D, pr.Dv, [&](int64_t u) { return kb + member(u) * pr.D; },
-                           [&](int64_t u) { return vb + member(u) * pr.Dv; });
-  sc.seg[EXPANDED] = Segment{&sc.expanded_panel, 0, n_x, 0.0f};
+  if (sc.expanded.back() - sc.expanded.front() + 1 == static_cast<int64_t>(sc.expanded.size())) {
+    sc.seg[EXPANDED] = Segment{&sel.n, sc.expanded.front() * m, n_x, 0.0f};
+  } else {
+    auto member = [&](int64_t u) { return sel.nonfocus[sc.expanded[u / m] * m + u % m]; };
+    sc.expanded_panel.assign(n_x, pr.D, pr.Dv, [&](int64_t u) { return kb + member(u) * pr.D; },
+                             [&](int64_t u) { return vb + member(u) * pr.Dv; });
+    sc.seg[EXPANDED] = Segment{&sc.expanded_panel, 0, n_x, 0.0f};
+  }
   sc.width = W + pad_n(n_x);
   sc.s_next.resize(rows_pad * sc.width);
   sc.ok_next.assign(rows * sc.width, 0);
