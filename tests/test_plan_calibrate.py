@@ -32,13 +32,17 @@ def test_ladder_runs_from_the_base_to_dense():
 
 
 def test_ladder_moves_the_expansion_mass_with_the_focus():
-    """With step 5′ on, "focus×2" halves the mass 1 − τ left to groups and "half" doubles it."""
+    """With step 5′ on, "focus×2" halves the mass 1 − τ left to groups and "half" doubles it; the
+    base's family without step 5′ (γ at least the default's) follows, then dense."""
     base = DGAConfig(focus_ratio=0.0, sinks=4, expand_mass=0.8, window=256, min_seq_len=0)
     rungs = ladder(base)
-    assert [None if r is None else (r.expand_mass, r.window) for r in rungs] == [
-        (pytest.approx(0.6), 128), (0.8, 256), (pytest.approx(0.9), 256), (0.8, 512), (pytest.approx(0.9), 512), None]
-    assert all(r.sinks == 4 and r.focus_ratio == 0.0 for r in rungs[:-1])
+    assert [None if r is None else (r.expand_mass, r.focus_ratio, r.window) for r in rungs] == [
+        (pytest.approx(0.6), 0.0, 128), (0.8, 0.0, 256), (pytest.approx(0.9), 0.0, 256), (0.8, 0.0, 512),
+        (pytest.approx(0.9), 0.0, 512),
+        (0.0, 0.05, 128), (0.0, 0.1, 256), (0.0, 0.2, 256), (0.0, 0.1, 512), (0.0, 0.2, 512), None]
+    assert all(r.sinks == 4 and r.min_seq_len == 0 for r in rungs[:-1])
     assert ladder(base.replace(expand_mass=0.4))[0].expand_mass == 0.0      # 1 − 2·0.6 < 0: expansion off
+    assert len(ladder(base.replace(focus_ratio=0.3))) == 11                  # γ kept when above the default's
 
 
 def test_chooser_is_monotone_in_lambda():

@@ -18,7 +18,9 @@ when DGA runs in that layer alone (docs/ACCURACY.md, "Per-layer budget").
    base config, from cheapest to dense: half the base's budgets (γ/2, r/2 probes, w/2, twice 1 − τ: for sites
    that tolerate less); the base; the base with twice the focus ratio γ (more keys chosen by
    score) and, with step 5′ on, half the attention mass 1 − τ its expansion leaves to groups; the
-   base with twice the window w (at least 512: more recent keys raw); both; dense.
+   base with twice the window w (at least 512: more recent keys raw); both; dense. With step
+   5′ on, the same five rungs of the base without it (τ = 0, γ at least the default's) join
+   them: a diffuse site expands nearly every group, and fixed focus sets serve it cheaper.
    Each rung buys accuracy with cost in a different way, so a site takes the one that pays most
    for it; five DGA rungs keep the table one dense pass.
 2. The chooser (`choose`): for a multiplier λ, each site takes the rung minimising
@@ -138,17 +140,26 @@ def worst_layers(errors: dict[int, float], k: int) -> tuple[int, ...]:
 # ------------------------------------------------------------------------- the plan
 
 def ladder(base: DGAConfig) -> tuple[Rung, ...]:
-    """The candidate settings of every site, cheapest first (module docstring, step 1): half focus
-    r/2 w/2; base; focus×2; w×2 (≥ 512); both; dense (None). "Focus×2" doubles γ and, with step 5′
-    on, halves the mass 1 − τ that expansion leaves out (τ = 0.8 → 0.9; half: 0.6). Rungs equal to
-    an earlier one are dropped."""
+    """The candidate settings of every site (module docstring, step 1): the base's family, and
+    with step 5′ on also the family of the same base without it (τ = 0, γ at least the default's:
+    a diffuse site, whose expansion takes nearly every group, is cheaper with fixed focus sets);
+    dense (None) last. Rungs equal to an earlier one are dropped."""
+    families = [base]
+    if base.expand_mass:
+        families.append(base.replace(expand_mass=0.0, focus_ratio=max(base.focus_ratio, DGAConfig().focus_ratio)))
+    rungs = [r.replace(plan=None, dense_layers=()) for family in families for r in _family(family)]
+    return tuple(dict.fromkeys(rungs)) + (None,)
+
+
+def _family(base: DGAConfig) -> list[DGAConfig]:
+    """Half focus r/2 w/2; base; focus×2; w×2 (≥ 512); both. "Focus×2" doubles γ and, with step
+    5′ on, halves the mass 1 − τ that expansion leaves out (τ = 0.8 → 0.9; half: 0.6)."""
     tau = base.expand_mass
     focus = {"focus_ratio": min(1.0, 2 * base.focus_ratio), "expand_mass": 1 - (1 - tau) / 2 if tau else 0.0}
     less = {"focus_ratio": base.focus_ratio / 2, "expand_mass": max(0.0, 1 - 2 * (1 - tau)) if tau else 0.0}
     window = max(2 * base.window, 512)
     half = base.replace(**less, num_probe=max(1, base.num_probe // 2), window=base.window // 2)
-    rungs = [half, base, base.replace(**focus), base.replace(window=window), base.replace(**focus, window=window)]
-    return tuple(dict.fromkeys(r.replace(plan=None, dense_layers=()) for r in rungs)) + (None,)
+    return [half, base, base.replace(**focus), base.replace(window=window), base.replace(**focus, window=window)]
 
 
 def choose(errors: Mapping[int, Sequence[float]], costs: Mapping[int, Sequence[float]], lam: float) -> dict[int, int]:
