@@ -49,6 +49,13 @@ def test_decode_eval_cli_with_passkey(tiny_llama, tmp_path):
     assert all(isinstance(p["correct"], bool) for p in data["passkey"])
 
 
+def test_decode_eval_cli_refuses_several_configs(tiny_llama, tmp_path, capsys):
+    """Regression: every --config after the first was ignored without a word."""
+    assert eval_main([str(tiny_llama), "--task", "decode", "--config", "sinks=4", "--config", "window=8",
+                      "--out", str(tmp_path / "dec"), "--quiet"]) == 2
+    assert "measures one DGA config" in capsys.readouterr().err and not (tmp_path / "dec.json").exists()
+
+
 def test_snapkv_scores_match_brute_force():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)

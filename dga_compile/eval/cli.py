@@ -100,6 +100,9 @@ def _run(args: argparse.Namespace) -> int:
     prefix = str(args.out.with_suffix("") if args.out.suffix in (".json", ".png") else args.out)
     if args.task == "decode":
         from .decode import run_cli
+        if len(configs) > 1:
+            raise CLIError(f"--task decode measures one DGA config (its baselines hold that config's cache size); "
+                           f"got {len(configs)} --config values: run one eval per config", EXIT_USAGE)
         for seq_len in args.seq_len:
             run_cli(args, seq_len, configs[0], text, text_path.name,
                     prefix if len(args.seq_len) == 1 else f"{prefix}-{seq_len}")
