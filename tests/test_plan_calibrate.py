@@ -82,10 +82,22 @@ def test_search_finds_the_cheapest_plan_meeting_the_target(target, want, measure
 
 
 def test_plan_of_names_every_site_with_what_differs_from_the_defaults():
-    rungs = ladder(DGAConfig(group_size=8, min_seq_len=0))
-    plan = plan_of({0: 1, 3: 4, 5: len(rungs) - 1}, rungs, {"target": 0.02})
+    base = DGAConfig(group_size=8, min_seq_len=0)
+    rungs = ladder(base)
+    plan = plan_of({0: 1, 3: 4, 5: len(rungs) - 1}, rungs, base, {"target": 0.02})
     assert plan == Plan({0: {"group_size": 8}, 3: {"group_size": 8, "focus_ratio": 0.2, "window": 512}, 5: "dense"})
     assert plan.metadata == {"target": 0.02}
+
+
+def test_plan_entries_run_their_rung_over_the_base_and_the_defaults():
+    """Regression: an expansion base's τ = 0 rungs lost ``expand_mass=0`` and ``focus_ratio=0.1``
+    (equal to the defaults), so over the base those sites ran with step 5′ again."""
+    base = DGAConfig(focus_ratio=0.0, sinks=4, expand_mass=0.8, min_seq_len=0)
+    rungs = ladder(base)
+    chosen = dict(enumerate(range(len(rungs))))
+    plan = plan_of(chosen, rungs, base)
+    for over in (base, DGAConfig(min_seq_len=0)):
+        assert [over.replace(plan=plan).for_site(site) for site in chosen] == list(rungs)
 
 
 # ------------------------------------------------------------------------- the command line

@@ -198,15 +198,19 @@ def cheapest_meeting(n: int, increase: Callable[[int], float], target: float) ->
     return hi
 
 
-def plan_of(chosen: Mapping[int, int], rungs: Sequence[Rung], measured: Optional[dict] = None) -> Plan:
+def plan_of(chosen: Mapping[int, int], rungs: Sequence[Rung], base: DGAConfig,
+            measured: Optional[dict] = None) -> Plan:
     """The `Plan` of a `choose` result: per site "dense" or the rung's op fields that differ from
-    ``DGAConfig()`` (min_seq_len, when DGA applies, stays the user's)."""
+    ``DGAConfig()`` or in which ``base`` does (so the site runs its rung over ``base`` and over
+    the defaults alike; min_seq_len, when DGA applies, stays the user's)."""
     default = DGAConfig()
+    fields = [f for f in PLAN_FIELDS if f != "min_seq_len"]
+    own = {f for f in fields if getattr(base, f) != getattr(default, f)}
     entries = {}
     for site, j in chosen.items():
         cfg = rungs[j]
-        entries[site] = DENSE if cfg is None else {f: getattr(cfg, f) for f in PLAN_FIELDS if f != "min_seq_len"
-                                                   and getattr(cfg, f) != getattr(default, f)}
+        entries[site] = DENSE if cfg is None else {f: getattr(cfg, f) for f in fields
+                                                   if f in own or getattr(cfg, f) != getattr(default, f)}
     return Plan(entries, measured or {})
 
 
@@ -242,7 +246,7 @@ def calibrate(ev, base: DGAConfig, target: float, progress: Callable = lambda de
     tried: dict[int, dict] = {}
 
     def measure(i: int) -> float:
-        res = ev.run(Method("dga", base.replace(plan=plan_of(path[i], rungs))))
+        res = ev.run(Method("dga", base.replace(plan=plan_of(path[i], rungs, base))))
         tried[i] = {"index": i, "increase": res.delta_last_half, "cost": res.cost, "sites": res.sites}
         return res.delta_last_half
 
@@ -257,7 +261,7 @@ def calibrate(ev, base: DGAConfig, target: float, progress: Callable = lambda de
                 "tried": [{k: v for k, v in t.items() if k != "sites"} for t in runs],
                 "errors": {str(s): dict(zip(_names(rungs), e)) for s, e in errors.items()},
                 "seconds": round(time.perf_counter() - start, 1)}
-    plan = plan_of(path[best], rungs, measured) if met else None
+    plan = plan_of(path[best], rungs, base, measured) if met else None
     return Calibration(plan, got["increase"], got["cost"], table, path[best], runs, got["sites"],
                        measured["seconds"])
 
