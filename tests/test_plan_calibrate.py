@@ -94,7 +94,7 @@ def test_plan_entries_run_their_rung_over_the_base_and_the_defaults():
     (equal to the defaults), so over the base those sites ran with step 5′ again."""
     base = DGAConfig(focus_ratio=0.0, sinks=4, expand_mass=0.8, min_seq_len=0)
     rungs = ladder(base)
-    chosen = dict(enumerate(range(len(rungs))))
+    chosen = {site: site for site in range(len(rungs))}       # site i takes rung i
     plan = plan_of(chosen, rungs, base)
     for over in (base, DGAConfig(min_seq_len=0)):
         assert [over.replace(plan=plan).for_site(site) for site in chosen] == list(rungs)

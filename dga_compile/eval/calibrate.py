@@ -15,14 +15,14 @@ when DGA runs in that layer alone (docs/ACCURACY.md, "Per-layer budget").
 **A calibrated plan** (``dga-compile calibrate MODEL --max-increase 2%``, `calibrate`):
 
 1. The ladder (`ladder`): per site the same short list of candidate configs, derived from the
-   base config, from cheapest to dense: half the base's budgets (γ/2, r/2 probes, w/2, twice 1 − τ: for sites
-   that tolerate less); the base; the base with twice the focus ratio γ (more keys chosen by
-   score) and, with step 5′ on, half the attention mass 1 − τ its expansion leaves to groups; the
-   base with twice the window w (at least 512: more recent keys raw); both; dense. With step
-   5′ on, the same five rungs of the base without it (τ = 0, γ at least the default's) join
-   them: a diffuse site expands nearly every group, and fixed focus sets serve it cheaper.
-   Each rung buys accuracy with cost in a different way, so a site takes the one that pays most
-   for it; five DGA rungs keep the table one dense pass.
+   base config and ending with dense: half the base's budgets (γ/2, r/2 probes, w/2, and with
+   step 5′ on twice the mass 1 − τ its expansion leaves to groups: for sites that tolerate
+   less); the base; the base with twice the focus ratio γ (more keys chosen by score; with
+   step 5′, half of 1 − τ); the base with twice the window w (at least 512: more recent keys
+   raw); both; dense. With step 5′ on, the same five rungs of the base without it (τ = 0, γ at
+   least the default's) join them: a diffuse site expands nearly every group, and fixed focus
+   sets serve it cheaper. Each rung buys accuracy with cost in a different way, so a site takes
+   the one that pays most for it; all the DGA rungs (five, or ten) share one dense pass.
 2. The chooser (`choose`): for a multiplier λ, each site takes the rung minimising
    cost + λ·error² (a Lagrangian of total cost subject to total squared error; error² since
    perplexity responds to the output error roughly quadratically for small errors). λ = 0 gives
